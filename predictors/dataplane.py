@@ -1,0 +1,169 @@
+"""The one data plane every transport calls: V2 infer, generate(_stream), V1 predict, events, batch.
+
+Transports only translate their wire format; prompts, sampling, priority, request ids, and the count of
+online work in flight (which the batch executor backs off from) all live here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import Engine
+from .errors import InvalidInput
+from .openai import OpenAIServer
+from .sampling import GenerateParameters, to_sampling_params
+
+ONLINE_PRIORITY = 0
+
+
+def finish_reason(output: Any) -> str | None:
+    """vLLM's finish reason in the OIP generate vocabulary: length | eos_token | stop_sequence."""
+    if output.finish_reason is None:
+        return None
+    if output.finish_reason == "length":
+        return "length"
+    if output.finish_reason == "stop":
+        return "eos_token" if output.stop_reason is None else "stop_sequence"
+    return str(output.finish_reason)
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+
+
+class DataPlane:
+    def __init__(self, engine: Engine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.openai = OpenAIServer(engine)
+        self._online = 0
+        self.online_changed = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.openai.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    # Online load, for the batch executor's backoff --------------------------------------------------
+    @property
+    def online_load(self) -> int:
+        """Online requests in flight (running or waiting in the engine) on this replica."""
+        return self._online
+
+    @contextlib.contextmanager
+    def online(self) -> Iterator[None]:
+        self._online += 1
+        self.online_changed.set()
+        try:
+            yield
+        finally:
+            self._online -= 1
+            self.online_changed.set()
+
+    # Generation ------------------------------------------------------------------------------------
+    def _defaults(self) -> dict[str, Any]:
+        # The model's generation_config.json defaults, as vLLM's OpenAI server applies them.
+        return dict(self.engine.client.model_config.get_diff_sampling_param())
+
+    async def _inputs(self, prompts: list[str], max_tokens: int, error: type[InvalidInput]) -> list[Any]:
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise error(f"prompt {i} must be a string")
+            if not p:
+                raise error(f"prompt {i} is empty")
+        try:
+            return await self.engine.render(prompts, max_tokens)
+        except InvalidInput as exc:
+            raise error(exc.message) from None
+
+    async def generate_many(
+        self,
+        prompts: list[str],
+        params: GenerateParameters,
+        *,
+        request_id: str | None = None,
+        priority: int = ONLINE_PRIORITY,
+        error: type[InvalidInput] = InvalidInput,
+    ) -> list[Generation]:
+        """Generate for N prompts concurrently (one engine request each) and return final outputs."""
+        self.engine.check_ready()
+        sp = to_sampling_params(params, self._defaults(), error=error)
+        inputs = await self._inputs(prompts, sp.max_tokens or 0, error)
+        rid = request_id or uuid.uuid4().hex
+
+        async def one(i: int, engine_input: Any) -> Generation:
+            final = None
+            async for out in self.engine.generate(engine_input, sp, f"{rid}-{i}", priority=priority):
+                final = out
+            assert final is not None
+            o = final.outputs[0]
+            return Generation(o.text, list(o.token_ids), finish_reason(o), len(final.prompt_token_ids or ()))
+
+        return list(await asyncio.gather(*(one(i, x) for i, x in enumerate(inputs))))
+
+    async def generate(
+        self,
+        prompt: str,
+        params: GenerateParameters,
+        *,
+        request_id: str | None = None,
+        priority: int = ONLINE_PRIORITY,
+        error: type[InvalidInput] = InvalidInput,
+    ) -> Generation:
+        (result,) = await self.generate_many(
+            [prompt], params, request_id=request_id, priority=priority, error=error
+        )
+        return result
+
+    async def prepare_stream(
+        self,
+        prompt: str,
+        params: GenerateParameters,
+        *,
+        request_id: str | None = None,
+        priority: int = ONLINE_PRIORITY,
+        error: type[InvalidInput] = InvalidInput,
+    ) -> AsyncIterator[Delta]:
+        """Validate and tokenize now (so errors are a plain 4xx), then return the delta stream."""
+        self.engine.check_ready()
+        sp = to_sampling_params(params, self._defaults(), stream=True, error=error)
+        (engine_input,) = await self._inputs([prompt], sp.max_tokens or 0, error)
+        rid = request_id or uuid.uuid4().hex
+
+        async def stream() -> AsyncIterator[Delta]:
+            async for out in self.engine.generate(engine_input, sp, rid, priority=priority):
+                o = out.outputs[0]
+                yield Delta(o.text, list(o.token_ids), finish_reason(o), len(out.prompt_token_ids or ()))
+
+        return stream()
+
+    async def openai_call(
+        self, url: str, body: Any, *, priority: int = ONLINE_PRIORITY
+    ) -> tuple[int, dict[str, Any]]:
+        """One OpenAI completions/chat request through vLLM's serving classes (batch lines, chat events)."""
+        self.engine.check_ready()
+        return await self.openai.call(url, body, priority=priority)

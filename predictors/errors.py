@@ -1,0 +1,99 @@
+"""Typed errors, mapped to ``{"error": "..."}`` JSON responses in one place.
+
+Every transport (V1, V2, generate, OpenAI glue, events) raises these; `install_handlers` maps them to
+HTTP so a client mistake is a clear 4xx and never a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+logger = logging.getLogger("evllm")
+
+
+class EvllmError(Exception):
+    """Base class: ``status`` is the HTTP status, ``str(exc)`` the message users see."""
+
+    status: int = HTTPStatus.INTERNAL_SERVER_ERROR
+    headers: dict[str, str] | None = None
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if headers:
+            self.headers = headers
+
+
+class InvalidInput(EvllmError):
+    status = HTTPStatus.BAD_REQUEST
+
+
+class ValidationFailed(InvalidInput):
+    """Input the generate extension rejects: the OIP generate spec answers these with 422."""
+
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+class Unauthorized(EvllmError):
+    status = HTTPStatus.UNAUTHORIZED
+
+
+class ModelNotFound(EvllmError):
+    status = HTTPStatus.NOT_FOUND
+
+    def __init__(self, name: str):
+        super().__init__(f"Model with name {name} does not exist.")
+
+
+class PayloadTooLarge(EvllmError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class Overloaded(EvllmError):
+    """Admission limit reached: Knative and clients retry 429 with backoff."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+    def __init__(self, message: str = "Model is overloaded, retry later.", retry_after: int = 1):
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class NotReady(EvllmError):
+    """Engine starting, draining or dead: 503, so load balancers and Knative retry elsewhere."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+def error_response(exc: EvllmError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=int(exc.status), headers=exc.headers)
+
+
+async def _evllm_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, EvllmError)
+    if exc.status >= 500:
+        logger.warning("%s: %s", type(exc).__name__, exc.message)
+    return error_response(exc)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"error": _describe_validation(exc)}, status_code=HTTPStatus.BAD_REQUEST)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Map evllm's and FastAPI's request errors to JSON; kserve maps its own in the same shape."""
+    app.add_exception_handler(EvllmError, _evllm_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)

@@ -1,0 +1,147 @@
+"""Composition root: parse flags, build the engine + data plane + routes, start KServe's ModelServer.
+
+The only module in `predictors` that imports `eventing` (dependencies point one way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+
+from .dataplane import DataPlane
+from .engine import Engine
+from .errors import install_handlers
+
+logger = logging.getLogger("evllm.server")
+
+DEFAULT_MODEL_DIR = "/mnt/models"
+
+
+def kserve_parser() -> argparse.ArgumentParser:
+    """KServe's own ModelServer flags (--model_name, --http_port, ...) plus evllm's and eventing's."""
+    import eventing.config
+    from kserve.model_server import parser as kserve_flags
+
+    parser = argparse.ArgumentParser(
+        prog="evllm serve",
+        parents=[kserve_flags],
+        description="Serve one model on one vLLM engine through OIP V2, generate, KServe V1, OpenAI and "
+        "CloudEvents. Every `vllm serve` engine flag (kebab-case, e.g. --max-model-len 4096, "
+        "--tensor-parallel-size 4) is passed through to the engine.",
+    )
+    parser.add_argument(
+        "--model_dir",
+        default=None,
+        help=f"Model directory or Hugging Face id (default {DEFAULT_MODEL_DIR}; when that does not exist, "
+        "the generated demo model).",
+    )
+    # gRPC is not part of this server's contract; KServe enables it by default on 8081.
+    parser.set_defaults(enable_grpc=False)
+    eventing.config.add_arguments(parser)
+    return parser
+
+
+def vllm_parser() -> Any:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="evllm serve (engine flags)"))
+
+
+def resolve_model_dir(model_dir: str | None) -> str:
+    if model_dir:
+        return model_dir
+    if Path(DEFAULT_MODEL_DIR).is_dir() and any(Path(DEFAULT_MODEL_DIR).iterdir()):
+        return DEFAULT_MODEL_DIR
+    from .demo_model import ensure_demo_model
+
+    path = ensure_demo_model()
+    logger.info("no model given and %s is empty: serving the generated demo model %s", DEFAULT_MODEL_DIR, path)
+    return str(path)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """Split argv into KServe/evllm flags and vLLM engine flags, the way each project spells them."""
+    kargs, rest = kserve_parser().parse_known_args(argv)
+    vparser = vllm_parser()
+    vargs = vparser.parse_args(rest)
+    if vargs.model_tag is not None:
+        vparser.error(f"unexpected positional argument {vargs.model_tag!r}; use --model_dir")
+    vargs.model = resolve_model_dir(kargs.model_dir)
+    vargs.served_model_name = [kargs.model_name]
+    # Batch chunks run below online traffic on the same engine: that needs priority scheduling.
+    if not any(a.startswith("--scheduling-policy") for a in rest):
+        vargs.scheduling_policy = "priority"
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    validate_parsed_serve_args(vargs)
+    return kargs, vargs
+
+
+def health_router(dataplane: DataPlane) -> APIRouter:
+    """OIP health: live fails once the engine is dead (so the kubelet restarts us); ready only once the
+    engine can generate. Registered before kserve's routes, which would answer ready=true regardless."""
+    api = APIRouter()
+
+    @api.get("/v2/health/live")
+    async def live() -> JSONResponse:
+        if dataplane.engine.dead:
+            return JSONResponse({"live": False, "error": "engine is dead"}, status_code=503)
+        return JSONResponse({"live": True})
+
+    @api.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        if not dataplane.ready:
+            return JSONResponse({"ready": False}, status_code=503)
+        return JSONResponse({"ready": True})
+
+    return api
+
+
+def attach_routes(app: FastAPI, dataplane: DataPlane, kargs: argparse.Namespace) -> None:
+    import eventing.routes
+
+    from . import generate
+    from .middleware import AbortOnDisconnect, OnlineLoad
+
+    install_handlers(app)
+    app.include_router(health_router(dataplane))
+    app.include_router(generate.router(dataplane))
+    app.mount("/openai", dataplane.openai.app)
+    eventing.routes.attach(app, dataplane, kargs)
+    app.add_middleware(AbortOnDisconnect)
+    app.add_middleware(OnlineLoad, dataplane=dataplane)
+
+
+def serve(argv: list[str]) -> None:
+    from kserve import ModelServer
+    from kserve.model_server import app
+
+    from .model import EvllmModel
+
+    kargs, vargs = parse_args(argv)
+    dataplane = DataPlane(Engine(vargs), kargs.model_name)
+    model = EvllmModel(kargs.model_name, dataplane)
+    attach_routes(app, dataplane, kargs)
+    ModelServer(
+        http_port=kargs.http_port,
+        workers=1,  # one engine per process: uvicorn workers would each need their own
+        enable_grpc=kargs.enable_grpc,
+        grpc_port=kargs.grpc_port,
+        enable_docs_url=kargs.enable_docs_url,
+    ).start([model])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    serve(sys.argv[1:] if argv is None else argv)
