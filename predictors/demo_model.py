@@ -26,7 +26,14 @@ SEED = 20261127
 # Bump when anything below changes, so cached copies are regenerated.
 DEMO_VERSION = "1"
 
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"]
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|pad|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+]
 BOS, EOS, PAD = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1], SPECIAL_TOKENS[2]
 
 CHAT_TEMPLATE = (
@@ -139,7 +146,12 @@ def write_demo_model(directory: str | os.PathLike[str]) -> Path:
         "pad_token_id": ids[PAD],
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    generation = {"bos_token_id": ids[BOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD], "do_sample": False}
+    generation = {
+        "bos_token_id": ids[BOS],
+        "eos_token_id": ids[EOS],
+        "pad_token_id": ids[PAD],
+        "do_sample": False,
+    }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -71,7 +71,9 @@ class Engine:
         renderer = self.client.renderer
         # max_tokens is checked against the context here, with the name our clients use.
         params = dataclasses.replace(
-            renderer.default_cmpl_tok_params, max_output_tokens=max_tokens, max_output_tokens_param="max_tokens"
+            renderer.default_cmpl_tok_params,
+            max_output_tokens=max_tokens,
+            max_output_tokens_param="max_tokens",
         )
         prompts = [parse_model_prompt(self.client.model_config, {"prompt": t}) for t in texts]
         try:

@@ -93,3 +93,27 @@ class AbortOnDisconnect:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+
+class JSONByDefault:
+    """Treat a V1/V2 POST without Content-Type as JSON.
+
+    tritonclient sends JSON infer requests without a Content-Type; FastAPI then refuses to parse the body,
+    and kserve's V2 route mistakes it for a binary-tensor request. Binary-tensor requests (which carry
+    Inference-Header-Content-Length) and every other path are left alone.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].startswith(("/v1/", "/v2/"))
+            and not any(
+                k in (b"content-type", b"inference-header-content-length") for k, _ in scope["headers"]
+            )
+        ):
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

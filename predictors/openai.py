@@ -43,7 +43,9 @@ class OpenAIServer:
         """Build vLLM's serving state (models, renderer, completion/chat handlers) on the running engine."""
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
-        await init_app_state(self.engine.client, self.app.state, self.engine.args, self.engine.supported_tasks)
+        await init_app_state(
+            self.engine.client, self.app.state, self.engine.args, self.engine.supported_tasks
+        )
 
     async def call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]:
         """Run one non-streaming OpenAI request in-process: (HTTP status, response or error body)."""

@@ -26,8 +26,9 @@ DEFAULT_MODEL_DIR = "/mnt/models"
 
 def kserve_parser() -> argparse.ArgumentParser:
     """KServe's own ModelServer flags (--model_name, --http_port, ...) plus evllm's and eventing's."""
-    import eventing.config
     from kserve.model_server import parser as kserve_flags
+
+    import eventing.config
 
     parser = argparse.ArgumentParser(
         prog="evllm serve",
@@ -63,7 +64,9 @@ def resolve_model_dir(model_dir: str | None) -> str:
     from .demo_model import ensure_demo_model
 
     path = ensure_demo_model()
-    logger.info("no model given and %s is empty: serving the generated demo model %s", DEFAULT_MODEL_DIR, path)
+    logger.info(
+        "no model given and %s is empty: serving the generated demo model %s", DEFAULT_MODEL_DIR, path
+    )
     return str(path)
 
 
@@ -109,7 +112,7 @@ def attach_routes(app: FastAPI, dataplane: DataPlane, kargs: argparse.Namespace)
     import eventing.routes
 
     from . import generate
-    from .middleware import AbortOnDisconnect, OnlineLoad
+    from .middleware import AbortOnDisconnect, JSONByDefault, OnlineLoad
 
     install_handlers(app)
     app.include_router(health_router(dataplane))
@@ -117,6 +120,7 @@ def attach_routes(app: FastAPI, dataplane: DataPlane, kargs: argparse.Namespace)
     app.mount("/openai", dataplane.openai.app)
     eventing.routes.attach(app, dataplane, kargs)
     app.add_middleware(AbortOnDisconnect)
+    app.add_middleware(JSONByDefault)
     app.add_middleware(OnlineLoad, dataplane=dataplane)
 
 

@@ -45,9 +45,9 @@ class ServerProcess:
         return [sys.executable, "-m", "predictors", "--http_port", str(self.port), *self.args]
 
     def start(self, timeout: float = 300.0, ready_path: str = "/v2/health/ready") -> ServerProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-        # Same session as the test process: a new session would get half the cores (autogroup).
-        self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=log)
+        with open(self.log_path, "ab") as log:
+            # Same session as the test process: a new session would get half the cores (autogroup).
+            self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
