@@ -52,6 +52,7 @@ class OpenAIServer:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
 
         if url not in BATCH_URLS:
             return _error(400, f"url must be one of {', '.join(BATCH_URLS)}, got {url!r}")
@@ -72,7 +73,7 @@ class OpenAIServer:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             return _error(400, f"{where}: {first['msg']}" if where else first["msg"])
-        except (ValueError, TypeError) as exc:
+        except (VLLMClientError, ValueError, TypeError) as exc:
             return _error(400, str(exc))
         if isinstance(result, ErrorResponse):
             return int(result.error.code), result.model_dump()

@@ -1,0 +1,163 @@
+"""Runs batch lines on the shared engine below online traffic, with an adaptive in-flight limit.
+
+Engine priority alone does not protect online latency (measured: 128 batch sequences in flight at
+priority 10 took online p95 from 52 ms to 5.2 s, the same as FCFS; 4 in flight cost x1.16). So:
+
+* while any online request runs or waits on this replica (``DataPlane.online_load > 0``) at most
+  ``low`` batch sequences are in flight (new lines wait; running ones finish);
+* once online traffic stops, the limit doubles every ``ramp_interval`` seconds up to ``high``, so a
+  short gap between online requests does not flood the engine, and an idle engine reaches full
+  batch throughput within a second or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from predictors.errors import EvllmError, NotReady, Overloaded
+
+from .batch import Line, error_record, success_record
+from .config import BATCH_PRIORITY
+
+
+class DataPlaneLike(Protocol):
+    model_name: str
+    online_changed: asyncio.Event
+
+    @property
+    def online_load(self) -> int: ...
+
+    async def openai_call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]: ...
+
+
+class AdaptiveLimit:
+    """How many batch sequences may be in flight now, given the online load."""
+
+    def __init__(
+        self,
+        load: Callable[[], int],
+        *,
+        low: int = 4,
+        high: int = 256,
+        ramp_interval: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.load, self.low, self.high = load, max(1, low), max(1, low, high)
+        self.ramp_interval, self.clock = ramp_interval, clock
+        self._idle_since: float | None = float("-inf")  # start idle: full speed
+
+    def observe(self) -> None:
+        """Record an online-load change (called whenever ``online_changed`` fires)."""
+        if self.load() > 0:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = self.clock()
+
+    def current(self) -> int:
+        self.observe()
+        if self._idle_since is None:
+            return self.low
+        idle = self.clock() - self._idle_since
+        steps = int(idle / self.ramp_interval) if idle != float("inf") else 64
+        return min(self.high, self.low * 2 ** min(steps, 32))
+
+
+class Executor:
+    """One per process: every chunk of every job shares the same in-flight budget."""
+
+    def __init__(
+        self, dataplane: DataPlaneLike, *, low: int = 4, high: int = 256, ramp_interval: float = 0.25
+    ):
+        self.dataplane = dataplane
+        self.limit = AdaptiveLimit(
+            lambda: dataplane.online_load, low=low, high=high, ramp_interval=ramp_interval
+        )
+        self.inflight = 0
+        self.peak = 0
+        self._cond: asyncio.Condition | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+            self._watcher = asyncio.ensure_future(self._watch())
+        return self._cond
+
+    async def _watch(self) -> None:
+        """Wake waiting lines whenever online load changes (it can lower or raise the limit)."""
+        event = self.dataplane.online_changed
+        while True:
+            await event.wait()
+            event.clear()
+            self.limit.observe()
+            assert self._cond is not None
+            async with self._cond:
+                self._cond.notify_all()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> Any:
+        cond = self._condition()
+        async with cond:
+            while self.inflight >= self.limit.current():
+                # Timeout: the limit also rises with time (ramp-up) without any event firing.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(cond.wait(), self.limit.ramp_interval)
+            self.inflight += 1
+            self.peak = max(self.peak, self.inflight)
+        try:
+            yield
+        finally:
+            async with cond:
+                self.inflight -= 1
+                cond.notify_all()
+
+    async def run_line(self, key: str, line: Line) -> dict[str, Any]:
+        """One line -> its output record. Engine-not-ready propagates (the chunk is retried whole)."""
+        if line.error is not None:
+            return error_record(key, line, line.error, "invalid_request")
+        assert line.url is not None and line.body is not None
+        async with self.slot():
+            try:
+                status, body = await self.dataplane.openai_call(line.url, line.body, priority=BATCH_PRIORITY)
+            except (NotReady, Overloaded):
+                raise  # not the line's fault: the whole chunk is retried
+            except EvllmError as exc:
+                return error_record(key, line, exc.message, type(exc).__name__, int(exc.status))
+            except Exception as exc:
+                # One poison line must not fail its chunk forever (redelivered until the dead-letter
+                # sink, job never completes): unless the engine itself is down, it is that line's error.
+                if not getattr(self.dataplane, "ready", True):
+                    raise NotReady("engine is not ready") from exc
+                client_error = any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__)
+                code, status = ("invalid_request", 400) if client_error else ("internal_error", 500)
+                return error_record(key, line, str(exc) or type(exc).__name__, code, status)
+        if status == 200:
+            return success_record(key, line, status, body)
+        err = body.get("error") if isinstance(body, dict) else None
+        message = err.get("message", str(err)) if isinstance(err, dict) else str(body)
+        if status == 503:
+            raise NotReady(f"engine not ready: {message}")
+        if status == 429:
+            raise Overloaded(f"engine overloaded: {message}")
+        return error_record(key, line, message, f"http_{status}", status, body)
+
+    async def run_lines(self, key: str, lines: list[Line]) -> list[dict[str, Any]]:
+        # All lines are scheduled at once; the slot gate decides how many reach the engine.
+        tasks = [asyncio.ensure_future(self.run_line(key, line)) for line in lines]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise

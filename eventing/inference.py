@@ -1,0 +1,99 @@
+"""Synchronous inference events: generate-shaped or chat data -> the reply event's data.
+
+Client errors (bad data, bad parameters, prompt too long) raise InvalidInput -> HTTP 400: Knative does
+not retry it and hands the event to the Trigger's deadLetterSink. Engine not ready / overloaded raise
+503 / 429, which Knative retries with backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from predictors.errors import EvllmError, InvalidInput, NotReady, Overloaded
+from predictors.sampling import DEFAULT_MAX_TOKENS, parse_parameters
+
+from . import catalog
+
+
+class BadData(InvalidInput):
+    """The event's data does not fit its type's schema."""
+
+
+async def infer(dataplane: Any, data: Any, request_id: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise BadData("inference.request data must be a JSON object with text_input or messages")
+    if ("text_input" in data) == ("messages" in data):
+        raise BadData("inference.request data needs exactly one of text_input or messages")
+    catalog.check("inference.request", data, BadData)
+    params = parse_parameters(data.get("parameters"), error=BadData)
+    with dataplane.online():
+        if "text_input" in data:
+            try:
+                gen = await dataplane.generate(
+                    data["text_input"], params, request_id=request_id, error=BadData
+                )
+            except Exception as exc:
+                # vLLM's own request validation (e.g. max_tokens beyond the context) is the client's error;
+                # matched by class name so this module does not import vllm.
+                if any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__):
+                    raise BadData(str(exc)) from None
+                raise
+            out: dict[str, Any] = {
+                "model_name": dataplane.model_name,
+                "text_output": gen.text,
+                "finish_reason": gen.finish_reason,
+                "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens},
+            }
+        else:
+            # Same default length as the generate shape, not "until the context is full".
+            body = {
+                "model": dataplane.model_name,
+                "messages": data["messages"],
+                "max_tokens": DEFAULT_MAX_TOKENS,
+                **params.model_dump(exclude_none=True),
+            }
+            with _client_errors():
+                status, result = await dataplane.openai_call("/v1/chat/completions", body)
+            if status != 200:
+                raise _openai_error(status, result)
+            choice = result["choices"][0]
+            usage = result.get("usage") or {}
+            out = {
+                "model_name": dataplane.model_name,
+                "text_output": choice["message"].get("content") or "",
+                "finish_reason": choice.get("finish_reason"),
+                "usage": {
+                    "prompt_tokens": usage.get("prompt_tokens", 0),
+                    "completion_tokens": usage.get("completion_tokens", 0),
+                },
+                "chat_completion": result,
+            }
+    if "id" in data:
+        out["id"] = data["id"]
+    return out
+
+
+@contextlib.contextmanager
+def _client_errors() -> Iterator[None]:
+    """vLLM's own request validation (e.g. max_tokens beyond the context) is the client's error; matched
+    by class name so this module does not import vllm."""
+    try:
+        yield
+    except Exception as exc:
+        if any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__):
+            raise BadData(str(exc)) from None
+        raise
+
+
+def _openai_error(status: int, body: dict[str, Any]) -> EvllmError:
+    err = body.get("error") if isinstance(body, dict) else None
+    message = err.get("message", str(err)) if isinstance(err, dict) else str(body)
+    if status == 503:
+        return NotReady(message)
+    if status == 429:
+        return Overloaded(message)
+    if 400 <= status < 500:
+        return BadData(message)
+    return EvllmError(message)

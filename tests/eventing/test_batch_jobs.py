@@ -1,0 +1,253 @@
+"""Batch jobs with an engine-free data plane: chunking, exactly-once parts, completion, sink mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent, from_http
+
+from eventing import chunk
+from eventing.batch import JobFiles, Manifest
+
+from .batchdata import check_outputs, mixed_lines
+from .fakes import FakeDataPlane, events_client
+
+SUBMITTED = "dev.evllm.batch.submitted"
+
+
+def submitted(data: dict[str, Any], id_: str = "sub-1") -> tuple[dict[str, str], bytes]:
+    return to_binary(CloudEvent({"type": SUBMITTED, "source": "/tests", "id": id_, "model": "demo"}, data))
+
+
+async def post(client, headers_body) -> tuple[int, CloudEvent | dict]:
+    headers, body = headers_body
+    resp = await client.post("/events", headers=headers, content=body)
+    if resp.status_code == 200:
+        return 200, from_http(dict(resp.headers), resp.content)
+    return resp.status_code, resp.json() if resp.content else {}
+
+
+async def wait_local_jobs(client) -> None:
+    await asyncio.gather(*list(client.handlers._local_jobs.values()))
+
+
+def write_input(root: Path, lines: list[str]) -> Path:
+    path = root / "in" / "batch.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_local_job_end_to_end(tmp_path: Path) -> None:
+    lines, good, bad = mixed_lines(10)
+    inp = write_input(tmp_path, lines)
+
+    async def main() -> None:
+        dp = FakeDataPlane()
+        async with events_client(dp, tmp_path) as client:
+            data = {
+                "job_id": "job1",
+                "input": f"file://{inp}",
+                "output": str(tmp_path / "out"),
+                "chunk_size": 4,
+            }
+            status, reply = await post(client, submitted(data))
+            assert status == 200 and reply["type"] == "dev.evllm.batch.progress"
+            assert reply.data["chunks_total"] == 4 and reply["jobid"] == "job1"
+            await wait_local_jobs(client)
+            # Batch lines run below online traffic.
+            assert {p for _, _, p in dp.calls} == {10}
+            # Redelivering the submitted event after completion answers with the one completed event.
+            status, again = await post(client, submitted(data, id_="sub-2"))
+            assert again["type"] == "dev.evllm.batch.completed"
+            status, third = await post(client, submitted(data, id_="sub-3"))
+            assert third["id"] == again["id"]
+            assert again.data["request_counts"] == {"total": 15, "completed": 10, "failed": 5}
+        # 10 good lines + the one the OpenAI layer rejects (max_tokens=-5); the other bad lines and the
+        # duplicate custom_id never reach the engine, and nothing ran twice.
+        assert len(dp.calls) == 11
+
+    asyncio.run(main())
+    check_outputs(tmp_path / "out" / "job1", good, bad)
+
+
+def test_bad_jobs_reply_batch_failed(tmp_path: Path) -> None:
+    outside = tmp_path.parent / "elsewhere.jsonl"
+    cases = [
+        (
+            {"job_id": "j", "input": str(tmp_path / "missing.jsonl"), "output": str(tmp_path)},
+            "does not exist",
+        ),
+        (
+            {"job_id": "j", "input": str(outside), "output": str(tmp_path)},
+            "outside the configured storage roots",
+        ),
+        ({"job_id": "j", "input": f"{tmp_path}/../x.jsonl", "output": str(tmp_path)}, "'..' is not allowed"),
+        ({"job_id": "j", "input": [{"custom_id": "a"}], "output": "/etc"}, "outside"),
+        ({"job_id": "../j", "input": [{"custom_id": "a"}], "output": str(tmp_path)}, "job_id"),
+        ({"input": [{"custom_id": "a"}], "output": str(tmp_path)}, "job_id"),
+        ({"job_id": "j", "input": [{"a": 1}], "output": str(tmp_path), "chunk_size": 0}, "chunk_size"),
+        ({"job_id": "j", "input": [{"a": 1}], "output": str(tmp_path), "deadline": "soon"}, "deadline"),
+        ({"job_id": "j", "input": "simplecache::file:///etc/passwd", "output": str(tmp_path)}, "chained"),
+        ({"job_id": "j", "input": "ftp://host/x", "output": str(tmp_path)}, "unsupported storage scheme"),
+    ]
+
+    async def main() -> None:
+        async with events_client(FakeDataPlane(), tmp_path) as client:
+            for i, (data, fragment) in enumerate(cases):
+                status, reply = await post(client, submitted(data, id_=f"bad-{i}"))
+                assert status == 200 and reply["type"] == "dev.evllm.batch.failed", data
+                assert fragment in reply.data["error"], (fragment, reply.data)
+            # The same job id with a different input is refused rather than mixed.
+            ok = {"job_id": "same", "input": [{"custom_id": "a"}], "output": str(tmp_path / "o")}
+            assert (await post(client, submitted(ok, id_="s1")))[1]["type"] == "dev.evllm.batch.progress"
+            await wait_local_jobs(client)
+            other = {**ok, "input": [{"custom_id": "b"}]}
+            status, reply = await post(client, submitted(other, id_="s2"))
+            assert reply["type"] == "dev.evllm.batch.failed" and "different input" in reply.data["error"]
+
+    asyncio.run(main())
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[CloudEvent] = []
+        self.url = "http://sink.test"
+
+    async def send(self, events) -> None:
+        self.events.extend(events)
+
+    async def close(self) -> None:
+        return None
+
+
+def test_sink_mode_chunks_are_events_and_duplicates_do_not_duplicate(tmp_path: Path) -> None:
+    lines, good, bad = mixed_lines(9)
+    inp = write_input(tmp_path, lines)
+
+    async def main() -> None:
+        dp = FakeDataPlane(delay=0.01)
+        async with events_client(dp, tmp_path) as client:
+            sink = RecordingSink()
+            client.handlers.sink = sink
+            data = {"job_id": "sj", "input": str(inp), "output": str(tmp_path / "out"), "chunk_size": 5}
+            status, reply = await post(client, submitted(data))
+            assert status == 200 and reply["type"] == "dev.evllm.batch.progress"
+            assert not client.handlers._local_jobs
+            chunks = list(sink.events)
+            assert [c.data["chunk"] for c in chunks] == [0, 1, 2]
+            assert all(c["type"] == "dev.evllm.batch.chunk" and c["model"] == "demo" for c in chunks)
+            # The same submitted event again: chunk events carry the same ids (broker-side dedup).
+            await post(client, submitted(data))
+            assert [c["id"] for c in sink.events[3:]] == [c["id"] for c in chunks]
+            replies = []
+            # Chunk 0 twice at the same time, then the rest, then everything again.
+            deliveries = [chunks[0], chunks[0], chunks[1], chunks[2], *chunks]
+            first = await asyncio.gather(*(post(client, to_binary(c)) for c in deliveries[:2]))
+            replies.extend(first)
+            for c in deliveries[2:]:
+                replies.append(await post(client, to_binary(c)))
+            assert all(status == 200 for status, _ in replies)
+            completed = [r for _, r in replies if r["type"] == "dev.evllm.batch.completed"]
+            assert (
+                len({c["id"] for c in completed}) == 1 and len(completed) == 4
+            )  # last chunk + 3 redeliveries
+            assert completed[0].data["request_counts"]["completed"] == len(good)
+
+    asyncio.run(main())
+    check_outputs(tmp_path / "out" / "sj", good, bad)
+
+
+def test_crash_points_complete_exactly_once(tmp_path: Path) -> None:
+    """Simulate the crash points of chunk.py's docstring on the files themselves."""
+    lines, good, bad = mixed_lines(7)
+
+    async def main() -> None:
+        dp = FakeDataPlane()
+        async with events_client(dp, tmp_path) as client:
+            client.handlers.sink = RecordingSink()
+            data = {"job_id": "cj", "input": [json.loads(x) if x.startswith("{\"") else x for x in lines],
+                    "output": str(tmp_path / "out"), "chunk_size": 3}  # fmt: skip
+            await post(client, submitted(data))
+            chunks = client.handlers.sink.events
+            job = tmp_path / "out" / "cj"
+            # Crash mid-chunk: only a temp file was left behind; the part does not exist.
+            (job / "parts").mkdir(exist_ok=True)
+            (job / "parts" / ".tmp-crash.part").write_text("{garbage")
+            for c in chunks:
+                await post(client, to_binary(c))
+            result = json.loads((job / "result.json").read_text())
+            calls = len(dp.calls)
+            # Crash during the merge: output written, result.json not; redelivery re-merges identically.
+            (job / "result.json").unlink()
+            (job / "output.jsonl").write_text("torn")
+            status, reply = await post(client, to_binary(chunks[0]))
+            assert reply["type"] == "dev.evllm.batch.completed" and reply["id"] == result["event_id"]
+            assert len(dp.calls) == calls  # no chunk ran again
+            # Crash after a part write, before the completion check, on the last chunk.
+            (job / "result.json").unlink()
+            status, reply = await post(client, to_binary(chunks[-1]))
+            assert status == 200 and reply["type"] == "dev.evllm.batch.completed"
+            assert reply["id"] == result["event_id"]
+
+    asyncio.run(main())
+    check_outputs(tmp_path / "out" / "cj", good, bad)
+
+
+def test_chunk_event_errors(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with events_client(FakeDataPlane(), tmp_path) as client:
+            base = {"type": "dev.evllm.batch.chunk", "source": "/t", "id": "c"}
+            for data, fragment in [
+                ({"job_id": "nope", "output": str(tmp_path), "chunk": 0}, "unknown job"),
+                ({"job_id": "nope", "output": "/etc", "chunk": 0}, "outside"),
+                ({"job_id": "nope", "output": str(tmp_path)}, "chunk"),
+            ]:
+                status, body = await post(client, to_binary(CloudEvent(base, data)))
+                assert status == 400 and fragment in body["error"]
+
+    asyncio.run(main())
+
+
+def test_expired_job_fails_its_lines_but_completes(tmp_path: Path) -> None:
+    async def main() -> None:
+        dp = FakeDataPlane()
+        async with events_client(dp, tmp_path) as client:
+            data = {"job_id": "late", "input": [{"custom_id": "a", "url": "/v1/completions",
+                    "body": {"prompt": "x"}}], "output": str(tmp_path / "o"),
+                    "deadline": "2000-01-01T00:00:00Z"}  # fmt: skip
+            await post(client, submitted(data))
+            await wait_local_jobs(client)
+            assert dp.calls == []
+        errs = (tmp_path / "o" / "late" / "errors.jsonl").read_text()
+        assert json.loads(errs)["error"]["code"] == "expired"
+
+    asyncio.run(main())
+
+
+def test_engine_not_ready_chunk_is_503(tmp_path: Path) -> None:
+    async def main() -> None:
+        dp = FakeDataPlane()
+        async with events_client(dp, tmp_path) as client:
+            client.handlers.sink = RecordingSink()
+            data = {"job_id": "nr", "input": [{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x"}}],
+                    "output": str(tmp_path / "o")}  # fmt: skip
+            await post(client, submitted(data))
+            dp.not_ready = True
+            status, _ = await post(client, to_binary(client.handlers.sink.events[0]))
+            assert status == 503
+            assert not (tmp_path / "o" / "nr" / "parts" / "chunk-000000.jsonl").exists()
+
+    asyncio.run(main())
+
+
+def test_manifest_chunk_ranges() -> None:
+    m = Manifest("j", "inline", "/o", 4, 10, 3, "x")
+    assert [list(m.chunk_range(i)) for i in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(ValueError):
+        asyncio.run(chunk.run_chunk(None, JobFiles.__new__(JobFiles), m, 3))  # type: ignore[arg-type]

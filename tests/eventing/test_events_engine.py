@@ -1,0 +1,175 @@
+"""POST /events on the real `evllm serve` (session server, no K_SINK): inference and a local batch job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cloudevents.conversion import to_binary, to_structured
+from cloudevents.http import CloudEvent, from_http
+
+from tests.conftest import MODEL_NAME
+
+from .batchdata import check_outputs, mixed_lines
+
+pytestmark = pytest.mark.slow
+
+
+def post(url: str, event: CloudEvent, *, binary: bool = True, timeout: float = 120) -> httpx.Response:
+    headers, body = (to_binary if binary else to_structured)(event)
+    return httpx.post(url + "/events", headers=headers, content=body, timeout=timeout)
+
+
+def inference(data: object, **attrs: object) -> CloudEvent:
+    base = {"type": "dev.evllm.inference.request", "source": "/tests/engine", "id": f"r-{time.time_ns()}",
+            "subject": "s1", "model": MODEL_NAME}  # fmt: skip
+    return CloudEvent({**base, **attrs}, data)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "structured"])
+def test_inference_event_reply(server, binary: bool) -> None:
+    event = inference({"text_input": "Hello world", "parameters": {"max_tokens": 5, "temperature": 0}})
+    resp = post(server.url, event, binary=binary)
+    assert resp.status_code == 200, resp.text
+    reply = from_http(dict(resp.headers), resp.content)
+    assert reply["type"] == "dev.evllm.inference.response" != event["type"]
+    assert reply["requestid"] == event["id"] and reply["subject"] == "s1" and reply["model"] == MODEL_NAME
+    assert reply.data["model_name"] == MODEL_NAME
+    assert reply.data["usage"]["completion_tokens"] == 5 and reply.data["text_output"]
+    # A redelivery (same source + id) gets the same reply event.
+    again = from_http(*(lambda r: (dict(r.headers), r.content))(post(server.url, event, binary=binary)))
+    assert again["id"] == reply["id"] and again.data == reply.data
+
+
+def test_chat_inference_event(server) -> None:
+    data = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "parameters": {"max_tokens": 4, "temperature": 0},
+    }
+    resp = post(server.url, inference(data))
+    assert resp.status_code == 200, resp.text
+    reply = from_http(dict(resp.headers), resp.content)
+    assert reply.data["usage"]["completion_tokens"] == 4
+    assert reply.data["chat_completion"]["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "fragment"),
+    [
+        ({"ce-specversion": "1.0", "ce-source": "/t", "ce-type": "dev.evllm.inference.request"}, b"{}", "ce-id"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t"}, b"{}", "ce-type"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-type": "dev.evllm.inference.request"}, b"{}", "ce-source"),
+        ({"content-type": "application/cloudevents+json"},
+         b'{"id":"1","source":"/t","type":"dev.evllm.inference.request"}', "specversion"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t", "ce-type": "dev.evllm.inference.request",
+          "content-type": "application/json"}, b'{"text_input": 5}', "text_input"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t", "ce-type": "dev.evllm.inference.request",
+          "content-type": "application/json"}, b"{bad json", "JSON"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t", "ce-type": "dev.evllm.inference.request",
+          "ce-model": "gpt-9", "content-type": "application/json"}, b'{"text_input": "x"}', "gpt-9"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t", "ce-type": "dev.evllm.inference.request",
+          "content-type": "application/json"},
+         b'{"text_input": "x", "parameters": {"max_tokens": 100000}}', "max"),
+        ({"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t", "ce-type": "com.example.unknown"}, b"",
+         "unsupported event type"),
+    ],
+)  # fmt: skip
+def test_malformed_events_are_clear_4xx(server, headers: dict, body: bytes, fragment: str) -> None:
+    resp = httpx.post(server.url + "/events", headers=headers, content=body, timeout=60)
+    assert 400 <= resp.status_code < 500, resp.text
+    assert fragment in resp.json()["error"]
+
+
+def test_invalid_conformance_events_over_http(server) -> None:
+    from .test_cloudevents import INVALID
+
+    for case in INVALID:
+        resp = httpx.post(server.url + "/events", content=json.dumps(case["event"]),
+                          headers={"content-type": "application/cloudevents+json"}, timeout=30)  # fmt: skip
+        assert resp.status_code == 400, (case["id"], resp.text)
+        assert resp.json()["error"]
+
+
+def wait_for(path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.5)
+
+
+def test_local_batch_job_end_to_end(server, storage_root: Path) -> None:
+    lines, good, bad = mixed_lines(12)
+    inp = storage_root / "local-in.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    data = {
+        "job_id": "local-e2e",
+        "input": f"file://{inp}",
+        "output": str(storage_root / "out"),
+        "chunk_size": 5,
+    }
+    event = CloudEvent({"type": "dev.evllm.batch.submitted", "source": "/tests", "id": "sub-local",
+                        "model": MODEL_NAME}, data)  # fmt: skip
+    resp = post(server.url, event)
+    assert resp.status_code == 200, resp.text
+    accepted = from_http(dict(resp.headers), resp.content)
+    assert accepted["type"] == "dev.evllm.batch.progress" and accepted.data["chunks_total"] == 4
+    # Delivered twice while running: still one run of each chunk.
+    assert post(server.url, event).status_code == 200
+    job = storage_root / "out" / "local-e2e"
+    wait_for(job / "result.json")
+    result = check_outputs(job, good, bad)
+    errors = {r["custom_id"]: r for r in map(json.loads, (job / "errors.jsonl").read_text().splitlines())}
+    assert "duplicate" in errors["ok-1"]["error"]["message"]
+    assert errors["bad-param"]["response"]["status_code"] == 400  # rejected by vLLM, not by us
+    assert "max_tokens" in errors["bad-param"]["error"]["message"]
+    # Delivered again after completion: the same completed event (id), and files unchanged.
+    before = (job / "output.jsonl").read_bytes()
+    reply = from_http(*(lambda r: (dict(r.headers), r.content))(post(server.url, event)))
+    assert reply["type"] == "dev.evllm.batch.completed" and reply["id"] == result["event_id"]
+    assert (job / "output.jsonl").read_bytes() == before
+
+
+def test_batch_job_with_missing_input_fails_naming_it(server, storage_root: Path) -> None:
+    missing = storage_root / "nope.jsonl"
+    data = {"job_id": "missing", "input": str(missing), "output": str(storage_root / "out")}
+    event = CloudEvent({"type": "dev.evllm.batch.submitted", "source": "/tests", "id": "m1"}, data)
+    reply = from_http(*(lambda r: (dict(r.headers), r.content))(post(server.url, event)))
+    assert reply["type"] == "dev.evllm.batch.failed" and str(missing) in reply.data["error"]
+
+
+def evllm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from predictors.cli import main; main()", *args], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["--binary", "--structured"])
+def test_cli_send(server, mode: str) -> None:
+    res = evllm("send", server.url + "/events", "--type", "dev.evllm.inference.request", "--model", MODEL_NAME,
+                "--id", f"cli-{mode}", "--data", '{"text_input": "Hello", "parameters": {"max_tokens": 3}}', mode)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    reply = json.loads(res.stdout)
+    assert reply["type"] == "dev.evllm.inference.response" and reply["requestid"] == f"cli-{mode}"
+    bad = evllm("send", server.url + "/events", "--type", "dev.evllm.nope", "--data", "{}")
+    assert bad.returncode == 1 and "unsupported event type" in bad.stderr
+
+
+def test_cli_batch_submit_and_status(server, storage_root: Path) -> None:
+    lines, good, bad = mixed_lines(4)
+    inp = storage_root / "cli-in.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    out = storage_root / "cli-out"
+    res = evllm("batch", "submit", server.url + "/events", "--input", str(inp), "--output", str(out),
+                "--job-id", "cli-job", "--chunk-size", "3", "--model", MODEL_NAME)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["type"] == "dev.evllm.batch.progress"
+    wait_for(out / "cli-job" / "result.json")
+    res = evllm("batch", "status", str(out), "--job-id", "cli-job")
+    assert res.returncode == 0, res.stderr
+    status = json.loads(res.stdout)
+    assert status["state"] == "completed" and status["chunks_done"] == status["chunks_total"] == 3
+    assert status["request_counts"] == {"total": len(good) + bad, "completed": len(good), "failed": bad}

@@ -1,0 +1,111 @@
+"""The batch executor's adaptive in-flight limit (no engine)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from eventing.batch import Line
+from eventing.executor import AdaptiveLimit, Executor
+from predictors.errors import NotReady
+
+from .fakes import FakeDataPlane
+
+
+def test_limit_is_low_under_online_load_and_ramps_up_when_idle() -> None:
+    now = [100.0]
+    load = [0]
+    limit = AdaptiveLimit(lambda: load[0], low=4, high=256, ramp_interval=0.25, clock=lambda: now[0])
+    assert limit.current() == 256  # idle since start: full throughput
+    load[0] = 2
+    assert limit.current() == 4
+    now[0] += 10
+    assert limit.current() == 4  # as long as online work runs
+    load[0] = 0
+    assert limit.current() == 4  # just went idle: ramp, do not jump
+    now[0] += 0.25
+    assert limit.current() == 8
+    now[0] += 0.5
+    assert limit.current() == 32
+    now[0] += 10
+    assert limit.current() == 256
+
+
+def lines(n: int) -> list[Line]:
+    return [Line(i, f"c{i}", "/v1/completions", {"prompt": f"p{i}"}) for i in range(n)]
+
+
+def test_executor_backs_off_while_online_requests_run() -> None:
+    async def main() -> None:
+        dp = FakeDataPlane(delay=0.02)
+        ex = Executor(dp, low=2, high=64, ramp_interval=0.05)
+        # Idle engine: the whole chunk goes in at once (up to high).
+        await ex.run_lines("k", lines(40))
+        assert dp.peak == 40
+        dp.peak = 0
+        with dp.online():
+            await asyncio.sleep(0)
+            await ex.run_lines("k", lines(20))
+        assert dp.peak <= 2
+        await ex.close()
+
+    asyncio.run(main())
+
+
+def test_online_arrival_lowers_the_limit_for_lines_not_started_yet() -> None:
+    async def main() -> None:
+        dp = FakeDataPlane(delay=0.05)
+        ex = Executor(dp, low=1, high=8, ramp_interval=10)
+        task = asyncio.ensure_future(ex.run_lines("k", lines(40)))
+        await asyncio.sleep(0.01)
+        assert dp.inflight == 8
+        with dp.online():
+            await asyncio.sleep(0.2)  # the first 8 finish; from then on one at a time
+            assert dp.inflight <= 1
+        records = await task
+        assert [r["custom_id"] for r in records] == [f"c{i}" for i in range(40)]
+        assert all(r["response"]["status_code"] == 200 for r in records)
+        await ex.close()
+
+    asyncio.run(main())
+
+
+def test_line_errors_become_error_records() -> None:
+    async def main() -> None:
+        ex = Executor(FakeDataPlane())
+        bad = Line(0, "a", error="url must be ...")
+        rejected = Line(1, "b", "/v1/completions", {"prompt": "bad"})
+        records = await ex.run_lines("k", [bad, rejected])
+        assert records[0]["error"]["code"] == "invalid_request" and records[0]["response"] is None
+        assert records[1]["error"]["code"] == "http_400" and records[1]["response"]["status_code"] == 400
+        await ex.close()
+
+    asyncio.run(main())
+
+
+def test_unexpected_line_exception_is_that_lines_error_unless_the_engine_is_down() -> None:
+    class VLLMClientError(Exception):  # matched by name: eventing does not import vllm
+        pass
+
+    class Invalid(VLLMClientError):
+        pass
+
+    async def main() -> None:
+        dp = FakeDataPlane()
+
+        async def boom(url, body, *, priority=0):
+            raise Invalid("max_tokens must be at least 1") if body["prompt"] == "a" else RuntimeError("oops")
+
+        dp.openai_call = boom  # type: ignore[method-assign]
+        ex = Executor(dp)
+        a, b = await ex.run_lines("k", [Line(0, "a", "/v1/completions", {"prompt": "a"}),
+                                        Line(1, "b", "/v1/completions", {"prompt": "b"})])  # fmt: skip
+        assert (a["error"]["code"], a["response"]["status_code"]) == ("invalid_request", 400)
+        assert (b["error"]["code"], b["response"]["status_code"]) == ("internal_error", 500)
+        dp.ready = False  # type: ignore[attr-defined]
+        with pytest.raises(NotReady):
+            await ex.run_lines("k", [Line(0, "a", "/v1/completions", {"prompt": "a"})])
+        await ex.close()
+
+    asyncio.run(main())
