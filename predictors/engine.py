@@ -70,13 +70,13 @@ class Engine:
 
         renderer = self.client.renderer
         # max_tokens is checked against the context here, with the name our clients use.
-        params = dataclasses.replace(
-            renderer.default_cmpl_tok_params,
-            max_output_tokens=max_tokens,
-            max_output_tokens_param="max_tokens",
-        )
-        prompts = [parse_model_prompt(self.client.model_config, {"prompt": t}) for t in texts]
         try:
+            params = dataclasses.replace(
+                renderer.default_cmpl_tok_params,
+                max_output_tokens=max_tokens,
+                max_output_tokens_param="max_tokens",
+            )
+            prompts = [parse_model_prompt(self.client.model_config, {"prompt": t}) for t in texts]
             return await renderer.render_cmpl_async(prompts, params)
         except (VLLMClientError, ValueError, TypeError) as exc:
             raise InvalidInput(str(exc)) from exc
