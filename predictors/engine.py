@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from argparse import Namespace
@@ -22,22 +21,47 @@ class Engine:
         self.args = args
         self.client: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self.supported_tasks: tuple[str, ...] = ()
-        self._stack = contextlib.AsyncExitStack()
-        self._started = asyncio.Event()
+        self._shutdown_timeout: Any = None
         self.draining = False
 
     async def start(self) -> None:
-        # The same builder `vllm serve` uses, so engine flags mean exactly what they mean there.
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        """Build the engine off the event loop, so health answers during a multi-minute GPU cold start.
 
-        self.client = await self._stack.enter_async_context(build_async_engine_client(self.args))
-        self.supported_tasks = tuple(await self.client.get_supported_tasks())
-        self._started.set()
+        Same steps as `vllm serve`'s build_async_engine_client; vLLM supports constructing AsyncLLM
+        outside the loop (its output handler then starts lazily: we start it right away instead).
+        """
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.cli_args import propagate_flash_late_interaction
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        engine_args = AsyncEngineArgs.from_cli_args(self.args)
+        propagate_flash_late_interaction(self.args, engine_args)
+        usage = UsageContext.OPENAI_API_SERVER
+
+        def build() -> Any:
+            vllm_config = engine_args.create_engine_config(usage_context=usage)
+            self._shutdown_timeout = vllm_config.shutdown_timeout
+            return AsyncLLM.from_vllm_config(
+                vllm_config=vllm_config,
+                usage_context=usage,
+                enable_log_requests=engine_args.enable_log_requests,
+                aggregate_engine_logging=engine_args.aggregate_engine_logging,
+                disable_log_stats=engine_args.disable_log_stats,
+            )
+
+        client = await asyncio.to_thread(build)
+        # Start reading engine outputs now, so an engine failure is noticed before the first request.
+        client._run_output_handler()
+        await client.reset_mm_cache()
+        self.client = client
+        self.supported_tasks = tuple(await client.get_supported_tasks())
         logger.info("engine ready: model=%s max_model_len=%d", self.args.model, self.max_model_len)
 
     async def stop(self) -> None:
-        await self._stack.aclose()
-        self.client = None
+        if self.client is not None:
+            self.client.shutdown(timeout=self._shutdown_timeout)
+            self.client = None
 
     @property
     def ready(self) -> bool:

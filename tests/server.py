@@ -40,6 +40,7 @@ class ServerProcess:
         self.env = {**os.environ, **TEST_ENV, **(env or {})}
         self.log_path = Path(tempfile.mkdtemp(prefix="evllm-test-")) / f"{log_name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.live_before_ready = False
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "predictors", "--http_port", str(self.port), *self.args]
@@ -55,6 +56,9 @@ class ServerProcess:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
                     return self
+                # Seen only while the engine is still starting: liveness must answer by then.
+                live = httpx.get(self.url + "/v2/health/live", timeout=2).status_code == 200
+                self.live_before_ready = self.live_before_ready or live
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.tail()}")

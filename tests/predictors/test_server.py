@@ -57,6 +57,12 @@ def test_unknown_flag_is_a_usage_error(demo_model_dir):
 
 
 @pytest.mark.slow
+def test_liveness_answers_while_the_engine_starts(server):
+    # The engine is built off the event loop: a multi-minute GPU start must not fail liveness probes.
+    assert server.live_before_ready
+
+
+@pytest.mark.slow
 def test_health_endpoints(server):
     assert httpx.get(server.url + "/v2/health/live").json() == {"live": True}
     assert httpx.get(server.url + "/v2/health/ready").json() == {"ready": True}
