@@ -1,5 +1,6 @@
 """Composition root: flag parsing, health semantics, and what happens when the engine dies."""
 
+import json
 import os
 import signal
 import subprocess
@@ -80,8 +81,21 @@ def test_engine_death_is_503_and_not_ready(server):
         or "EngineCore" in Path(f"/proc/{pid}/comm").read_text()
     ]
     assert cores, "no EngineCore process found under the server"
-    for pid in cores:
-        os.kill(pid, signal.SIGKILL)
+    # A stream in flight when the engine dies: headers are gone, so the error arrives in-band.
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v2/models/{MODEL_NAME}/generate_stream",
+        json={"text_input": "Hello", "parameters": {"max_tokens": 900, "ignore_eos": True}},
+        timeout=60,
+    ) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert "text_output" in json.loads(first.removeprefix("data: "))
+        for pid in cores:
+            os.kill(pid, signal.SIGKILL)
+        events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert "error" in events[-1], events[-3:]
+    assert all("error" not in e for e in events[:-1])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if httpx.get(server.url + "/v2/health/ready").status_code == 503:
