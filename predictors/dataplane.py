@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics
 from .engine import Engine
 from .errors import InvalidInput
+from .limits import Limits
 from .openai import OpenAIServer
 from .sampling import GenerateParameters, to_sampling_params
 
@@ -59,9 +61,15 @@ class DataPlane:
         self.openai = OpenAIServer(engine)
         self._online = 0
         self.online_changed = asyncio.Event()
+        self._sampling_defaults: dict[str, Any] | None = None
+        self.limits = Limits()  # the server replaces it with the configured one
+        # Called with the AsyncLLM once it exists (metrics and limits wrap its generate).
+        self.engine_hooks: list[Callable[[Any], None]] = []
 
     async def start(self) -> None:
         await self.engine.start()
+        for hook in self.engine_hooks:
+            hook(self.engine.client)
         await self.openai.start()
 
     @property
@@ -86,8 +94,12 @@ class DataPlane:
 
     # Generation ------------------------------------------------------------------------------------
     def _defaults(self) -> dict[str, Any]:
-        # The model's generation_config.json defaults, as vLLM's OpenAI server applies them.
-        return dict(self.engine.client.model_config.get_diff_sampling_param())
+        # The model's generation_config.json defaults, as vLLM's OpenAI server applies them. Read once:
+        # get_diff_sampling_param() reloads generation_config.json on every call (~15% of the API
+        # server's CPU on V2 infer under load, measured with py-spy; bench/results/profiles).
+        if self._sampling_defaults is None:
+            self._sampling_defaults = dict(self.engine.client.model_config.get_diff_sampling_param())
+        return self._sampling_defaults
 
     async def _inputs(self, prompts: list[str], max_tokens: int, error: type[InvalidInput]) -> list[Any]:
         for i, p in enumerate(prompts):
@@ -96,9 +108,14 @@ class DataPlane:
             if not p:
                 raise error(f"prompt {i} is empty")
         try:
-            return await self.engine.render(prompts, max_tokens)
+            inputs = await self.engine.render(prompts, max_tokens)
         except InvalidInput as exc:
             raise error(exc.message) from None
+        for x in inputs:
+            ids = x.get("prompt_token_ids") if isinstance(x, dict) else None
+            if isinstance(ids, list):
+                self.limits.check_prompt_tokens(len(ids), error)
+        return inputs
 
     async def generate_many(
         self,
@@ -111,7 +128,9 @@ class DataPlane:
     ) -> list[Generation]:
         """Generate for N prompts concurrently (one engine request each) and return final outputs."""
         self.engine.check_ready()
+        self.limits.check_prompts(len(prompts), error)
         sp = to_sampling_params(params, self._defaults(), error=error)
+        self.limits.apply_max_tokens(sp, params.max_tokens, error)
         inputs = await self._inputs(prompts, sp.max_tokens or 0, error)
         rid = request_id or uuid.uuid4().hex
 
@@ -151,6 +170,7 @@ class DataPlane:
         """Validate and tokenize now (so errors are a plain 4xx), then return the delta stream."""
         self.engine.check_ready()
         sp = to_sampling_params(params, self._defaults(), stream=True, error=error)
+        self.limits.apply_max_tokens(sp, params.max_tokens, error)
         (engine_input,) = await self._inputs([prompt], sp.max_tokens or 0, error)
         rid = request_id or uuid.uuid4().hex
 
@@ -166,4 +186,10 @@ class DataPlane:
     ) -> tuple[int, dict[str, Any]]:
         """One OpenAI completions/chat request through vLLM's serving classes (batch lines, chat events)."""
         self.engine.check_ready()
-        return await self.openai.call(url, body, priority=priority)
+        if priority == ONLINE_PRIORITY:
+            return await self.openai.call(url, body, priority=priority)
+        # Below online priority = a batch line: count it by outcome (retried ones raise and are not).
+        status, result = await self.openai.call(url, body, priority=priority)
+        if status not in (429, 503):
+            metrics.batch_line("succeeded" if status == 200 else "failed")
+        return status, result

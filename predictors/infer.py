@@ -102,6 +102,7 @@ async def predict_v1(dataplane: DataPlane, body: Any, request_id: str | None) ->
             raise InvalidInput("request body is not valid JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("instances"), list) or not body["instances"]:
         raise InvalidInput('expected {"instances": [...]} with at least one instance')
+    dataplane.limits.check_prompts(len(body["instances"]))
     common = body.get("parameters") or {}
     if not isinstance(common, dict):
         raise InvalidInput("parameters must be a JSON object")

@@ -1,12 +1,29 @@
-"""ASGI middleware shared by every route: online-load accounting and abort-on-disconnect."""
+"""ASGI middleware shared by every route: request context, metrics and access log, auth, body limits,
+admission, online-load accounting and abort-on-disconnect."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import time
+import uuid
+from http import HTTPStatus
 from typing import Any
 
+from . import logs, metrics
+from .admission import Admission
 from .dataplane import DataPlane
+from .errors import (
+    EvllmError,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    error_response,
+)
+from .limits import OPENAI_GENERATION_PATHS, Limits
 
 Scope = dict[str, Any]
 
@@ -117,3 +134,212 @@ class JSONByDefault:
         ):
             scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+# Hardening and observability (outermost first: Observe > Authenticate > BodyLimit > Admit) -----------
+async def _refuse(exc: EvllmError, scope: Scope, receive: Any, send: Any) -> None:
+    await error_response(exc)(scope, receive, send)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+class Observe:
+    """Per request: request id (echoed as X-Request-Id, given to the engine), CloudEvent id and traceparent
+    in the log context; latency, status and in-flight metrics; one access log line without any body."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        request_id = logs.safe_id(headers.get("x-request-id"))
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+            # Handlers name the engine request after X-Request-Id: logs and engine then agree.
+            scope = {
+                **scope,
+                "headers": [
+                    *((k, v) for k, v in scope["headers"] if k.lower() != b"x-request-id"),
+                    (b"x-request-id", request_id.encode()),
+                ],
+            }
+        ctx = logs.RequestContext(
+            request_id=request_id,
+            ce_id=logs.safe_id(headers.get("ce-id")),
+            traceparent=logs.safe_traceparent(headers.get("traceparent")),
+        )
+        token = logs.CONTEXT.set(ctx)
+        proto_token = metrics.PROTOCOL.set(metrics.protocol_of(scope["method"], scope["path"]))
+        protocol = metrics.PROTOCOL.get()
+        model = metrics.model()
+        start = time.monotonic()
+        status = 500  # what the client sees if the app dies before answering (uvicorn sends a 500)
+        sent = 0
+
+        async def observed_send(message: dict[str, Any]) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())],
+                }
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        in_flight = metrics.IN_FLIGHT.labels(model, protocol)
+        in_flight.inc()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            elapsed = time.monotonic() - start
+            in_flight.dec()
+            metrics.REQUEST_DURATION.labels(model, protocol).observe(elapsed)
+            metrics.REQUESTS.labels(model, protocol, str(status)).inc()
+            if scope["path"] not in QUIET_PATHS:
+                logs.access_logger.info(
+                    "%s %s %d",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "protocol": protocol,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        "response_bytes": sent,
+                        "client": (scope.get("client") or ("", 0))[0],
+                    },
+                )
+            metrics.PROTOCOL.reset(proto_token)
+            logs.CONTEXT.reset(token)
+
+
+# Probes and scrapes every few seconds would drown the access log.
+QUIET_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready", "/"})
+
+
+class Authenticate:
+    """401 with a JSON error unless the request carries a valid API key or JWT (when auth is configured)."""
+
+    def __init__(self, app: Any, authenticator: Any):
+        self.app = app
+        self.authenticator = authenticator
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.authenticator.required(scope["path"]):
+            try:
+                self.authenticator.check(_headers(scope))
+            except Unauthorized as exc:
+                metrics.rejected("unauthorized")
+                exc.headers = {"WWW-Authenticate": 'Bearer realm="evllm"'}
+                await _refuse(exc, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for a body over the limit, judged by Content-Length when sent and by the bytes actually
+    received otherwise (chunked uploads); the body is read here, bounded, and replayed to the app.
+    OpenAI generation bodies are also checked for max_tokens above the limit (vLLM never sees those)."""
+
+    def __init__(self, app: Any, limits: Limits):
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        limit = self.limits.body_limit(path)
+        length = _headers(scope).get("content-length")
+        try:
+            if length is not None and length.strip().isdigit():
+                self.limits.check_body_size(path, int(length))
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # nobody to answer
+                body = message.get("body", b"")
+                size += len(body)
+                if size > limit:
+                    self.limits.check_body_size(path, size)
+                chunks.append(body)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            if path in OPENAI_GENERATION_PATHS:
+                self.limits.check_openai_body(body)
+        except (PayloadTooLarge, InvalidInput) as exc:
+            if isinstance(exc, PayloadTooLarge):
+                metrics.rejected("payload_too_large")
+            await _refuse(exc, scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# KServe answers versioned V2 routes with 501 (a 5xx for a client's URL) and would unload our only model
+# through the repository extension; both are 404 here. The generate routes ignore the version.
+_VERSIONED = re.compile(r"^/v2/models/[^/]+/versions/[^/]+(/infer|/ready)?$")
+
+
+def _unsupported(path: str, query: bytes) -> str | None:
+    if path.startswith("/v2/repository/"):
+        return "the model repository extension is disabled"
+    # KServe's unversioned routes also take ?model_version=..., with the same 501.
+    if _VERSIONED.match(path) or (path.startswith("/v2/models/") and b"model_version=" in query):
+        return "model versions are not supported: this server serves one unversioned model"
+    return None
+
+
+class Admit:
+    """Bounded admission for every POST (online inference and events): 429 past the limit, 503 draining.
+    Routes KServe would answer with 501 or that would unload the model answer 404 (see `_unsupported`)."""
+
+    def __init__(self, app: Any, admission: Admission):
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = _unsupported(scope["path"], scope.get("query_string", b""))
+        if refusal is not None:
+            await _refuse(RouteDisabled(refusal), scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.admission.acquire()
+        except (Overloaded, NotReady) as exc:
+            await _refuse(exc, scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.release()
+
+
+class RouteDisabled(EvllmError):
+    status = HTTPStatus.NOT_FOUND

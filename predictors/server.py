@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
+from .admission import Admission
 from .dataplane import DataPlane
 from .engine import Engine
 from .errors import install_handlers
@@ -46,6 +47,13 @@ def kserve_parser() -> argparse.ArgumentParser:
     # gRPC is not part of this server's contract; KServe enables it by default on 8081.
     parser.set_defaults(enable_grpc=False)
     eventing.config.add_arguments(parser)
+    from . import admission, auth, limits, logs, shutdown
+
+    auth.add_arguments(parser)
+    limits.add_arguments(parser)
+    admission.add_arguments(parser)
+    shutdown.add_arguments(parser)
+    logs.add_arguments(parser)
     return parser
 
 
@@ -108,38 +116,109 @@ def health_router(dataplane: DataPlane) -> APIRouter:
     return api
 
 
-def attach_routes(app: FastAPI, dataplane: DataPlane, kargs: argparse.Namespace) -> None:
+def attach_routes(app: FastAPI, dataplane: DataPlane, kargs: argparse.Namespace) -> Admission:
+    """Routes, error handlers and middleware on KServe's app; returns the admission controller (which the
+    graceful shutdown drains)."""
     import eventing.routes
 
-    from . import generate
-    from .middleware import AbortOnDisconnect, JSONByDefault, OnlineLoad
+    from . import generate, metrics
+    from .auth import AuthConfig, Authenticator
+    from .limits import Limits
+    from .middleware import (
+        AbortOnDisconnect,
+        Admit,
+        Authenticate,
+        BodyLimit,
+        JSONByDefault,
+        Observe,
+        OnlineLoad,
+    )
+
+    limits = Limits.from_args(kargs)
+    admission = Admission(kargs.max_concurrent_requests, kargs.retry_after_seconds)
+    authenticator = Authenticator(AuthConfig.from_args(kargs))
+    metrics.init(dataplane.model_name, admission.limit)
+    # Shared with the eventing package (batch lines per job, event size) and the data plane's checks.
+    app.state.evllm_limits = dataplane.limits = limits
+    app.state.evllm_admission = admission
+    dataplane.engine_hooks.append(
+        lambda client: setattr(
+            client, "generate", metrics.instrument_generate(client.generate, limits.engine_check)
+        )
+    )
 
     install_handlers(app)
     app.include_router(health_router(dataplane))
     app.include_router(generate.router(dataplane))
     app.mount("/openai", dataplane.openai.app)
     eventing.routes.attach(app, dataplane, kargs)
+    install_openapi(app, dataplane.openai.app)
+    # add_middleware wraps what is there: the last added runs first.
     app.add_middleware(AbortOnDisconnect)
     app.add_middleware(JSONByDefault)
     app.add_middleware(OnlineLoad, dataplane=dataplane)
+    app.add_middleware(Admit, admission=admission)
+    app.add_middleware(BodyLimit, limits=limits)
+    app.add_middleware(Authenticate, authenticator=authenticator)
+    app.add_middleware(Observe)
+    if authenticator.enabled:
+        logger.info("authentication required on every route but health/readiness")
+    return admission
+
+
+def install_openapi(app: FastAPI, openai_app: FastAPI) -> None:
+    """``/openapi.json`` describes every route, the mounted OpenAI sub-app included (FastAPI leaves mounts
+    out), so clients and the fuzz tests see the whole surface. /events is described by its CloudEvents
+    catalog instead. KServe's model-repository routes are disabled (see middleware.Admit)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema["paths"] = {p: v for p, v in schema["paths"].items() if not p.startswith("/v2/repository/")}
+        sub = openai_app.openapi()
+        for path, item in sub.get("paths", {}).items():
+            schema["paths"]["/openai" + path] = item
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(
+            sub.get("components", {}).get("schemas", {})
+        )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def serve(argv: list[str]) -> None:
     from kserve import ModelServer
     from kserve.model_server import app
 
+    from . import logs
     from .model import EvllmModel
+    from .shutdown import GracefulShutdown
 
     kargs, vargs = parse_args(argv)
+    logs.configure(kargs.log_format)
     dataplane = DataPlane(Engine(vargs), kargs.model_name)
     model = EvllmModel(kargs.model_name, dataplane)
-    attach_routes(app, dataplane, kargs)
-    ModelServer(
+    admission = attach_routes(app, dataplane, kargs)
+    graceful = GracefulShutdown(admission, dataplane.engine, kargs.grace_period, kargs.drain_seconds)
+
+    class Server(ModelServer):
+        def register_signal_handler(self) -> None:
+            super().register_signal_handler()
+            # uvicorn installs its own handle_exit while serving: drain before it runs.
+            if self._rest_server is not None:
+                graceful.install(self._rest_server._server)
+
+    Server(
         http_port=kargs.http_port,
         workers=1,  # one engine per process: uvicorn workers would each need their own
         enable_grpc=kargs.enable_grpc,
         grpc_port=kargs.grpc_port,
         enable_docs_url=kargs.enable_docs_url,
+        # uvicorn's own wait for connections after the drain; the drain already used up to grace_period.
+        grace_period=max(int(kargs.grace_period), 1),
     ).start([model])
 
 
