@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from predictors import metrics
 from predictors.errors import InvalidInput
 from predictors.openai import BATCH_URLS
 
@@ -197,7 +198,9 @@ def parse_job(data: Any, default_chunk_size: int) -> JobRequest:
     )
 
 
-def accept(storage: Storage, req: JobRequest) -> tuple[Manifest, JobFiles, Location]:
+def accept(
+    storage: Storage, req: JobRequest, max_lines: int | None = None
+) -> tuple[Manifest, JobFiles, Location]:
     """Snapshot the input and write the manifest (idempotent: an existing job with the same input is
     returned as is). Raises JobError when the job cannot run."""
     try:
@@ -216,6 +219,8 @@ def accept(storage: Storage, req: JobRequest) -> tuple[Manifest, JobFiles, Locat
         where = src.uri
     if not lines:
         raise JobError(f"input {where} has no lines")
+    if max_lines is not None and len(lines) > max_lines:
+        raise JobError(f"input {where} has {len(lines)} lines; the limit is {max_lines} per job")
     snapshot = ("\n".join(lines) + "\n").encode()
     digest = hashlib.sha256(snapshot).hexdigest()
     existing = files.load_manifest()
@@ -240,4 +245,5 @@ def accept(storage: Storage, req: JobRequest) -> tuple[Manifest, JobFiles, Locat
         write_atomic(files.manifest, manifest.to_json())
     except OSError as exc:
         raise JobError(f"output: cannot write to {out.uri}: {exc}") from None
+    metrics.batch_job("accepted")
     return manifest, files, out

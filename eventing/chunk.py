@@ -20,6 +20,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from predictors import metrics
+from predictors.errors import NotReady, Overloaded
+
 from .batch import JobFiles, Line, Manifest, error_record, job_key, parse_line, split_lines
 from .executor import Executor
 from .storage import exists, listdir, read_bytes, write_atomic
@@ -60,6 +63,19 @@ def chunk_lines(files: JobFiles, manifest: Manifest, index: int) -> list[Line]:
 
 async def run_chunk(executor: Executor, files: JobFiles, manifest: Manifest, index: int) -> bool:
     """Run chunk ``index`` unless its part file exists; True when this call wrote the part."""
+    try:
+        wrote = await _run_chunk(executor, files, manifest, index)
+    except (NotReady, Overloaded):
+        metrics.batch_chunk("retried")
+        raise
+    except Exception:
+        metrics.batch_chunk("failed")
+        raise
+    metrics.batch_chunk("completed" if wrote else "skipped")
+    return wrote
+
+
+async def _run_chunk(executor: Executor, files: JobFiles, manifest: Manifest, index: int) -> bool:
     if not 0 <= index < manifest.chunks:
         raise ValueError(f"chunk {index} out of range: job {manifest.job_id} has {manifest.chunks} chunks")
     part = files.part(index)
@@ -134,4 +150,5 @@ def complete(files: JobFiles, manifest: Manifest) -> Completion | None:
         event_id=completed_event_id(manifest),
     )
     write_atomic(files.result, json.dumps(asdict(completion)).encode())
+    metrics.batch_job("completed")
     return completion

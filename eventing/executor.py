@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from predictors import metrics
 from predictors.errors import EvllmError, NotReady, Overloaded
 
 from .batch import Line, error_record, success_record
@@ -124,6 +125,7 @@ class Executor:
     async def run_line(self, key: str, line: Line) -> dict[str, Any]:
         """One line -> its output record. Engine-not-ready propagates (the chunk is retried whole)."""
         if line.error is not None:
+            metrics.batch_line("failed")  # never reaches the engine, so openai_call does not count it
             return error_record(key, line, line.error, "invalid_request")
         assert line.url is not None and line.body is not None
         async with self.slot():

@@ -15,6 +15,7 @@ from typing import Any
 
 from cloudevents.http import CloudEvent
 
+from predictors import metrics
 from predictors.errors import NotReady, Overloaded
 
 from . import catalog
@@ -130,6 +131,7 @@ class Handlers:
     # Batch -----------------------------------------------------------------------------------------
     def _failed(self, event: Event, job_id: Any, message: str) -> Reply:
         logger.info("batch job %s failed: %s", job_id, message)
+        metrics.batch_job("failed")
         data = {"job_id": job_id if isinstance(job_id, str) else None, "error": message}
         ext = {"jobid": job_id} if isinstance(job_id, str) else {}
         return Reply(
@@ -167,7 +169,7 @@ class Handlers:
         job_id = data.get("job_id") if isinstance(data, dict) else None
         try:
             req = parse_job(data, self.config.chunk_size)
-            manifest, files, _ = await asyncio.to_thread(accept, self.storage, req)
+            manifest, files, _ = await asyncio.to_thread(accept, self.storage, req, self._max_lines())
         except JobError as exc:
             return self._failed(event, job_id, exc.message)
         key = job_key(manifest.output, manifest.job_id)
@@ -184,6 +186,10 @@ class Handlers:
             task.add_done_callback(lambda _: self._local_jobs.pop(key, None))
         progress = await asyncio.to_thread(self._progress, manifest, files, f"batch-{key}-accepted")
         return Reply(200, progress)
+
+    def _max_lines(self) -> int | None:
+        limits = getattr(self.dataplane, "limits", None)
+        return getattr(limits, "max_batch_lines", None)
 
     def _chunk_event(self, manifest: Manifest, index: int) -> CloudEvent:
         key = job_key(manifest.output, manifest.job_id)

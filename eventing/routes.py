@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
-from predictors.errors import EvllmError, error_response
+from predictors.errors import EvllmError, PayloadTooLarge, error_response
 
 from .config import EventingConfig
 from .events import encode, parse_http
@@ -30,10 +30,9 @@ def attach(app: FastAPI, dataplane: Any, args: argparse.Namespace) -> Handlers:
     async def events(request: Request) -> Response:
         try:
             body = await request.body()
-            if len(body) > MAX_EVENT_BYTES:
-                from predictors.errors import PayloadTooLarge
-
-                raise PayloadTooLarge(f"event is larger than {MAX_EVENT_BYTES} bytes")
+            limit = getattr(getattr(app.state, "evllm_limits", None), "max_event_bytes", MAX_EVENT_BYTES)
+            if len(body) > limit:
+                raise PayloadTooLarge(f"event is larger than {limit} bytes")
             event = parse_http(request.headers, body)
             reply = await handlers.handle(event)
         except EvllmError as exc:

@@ -251,3 +251,23 @@ def test_manifest_chunk_ranges() -> None:
     assert [list(m.chunk_range(i)) for i in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     with pytest.raises(ValueError):
         asyncio.run(chunk.run_chunk(None, JobFiles.__new__(JobFiles), m, 3))  # type: ignore[arg-type]
+
+
+def test_job_over_the_line_limit_fails(tmp_path: Path) -> None:
+    from predictors.limits import Limits
+
+    dataplane = FakeDataPlane()
+    dataplane.limits = Limits(max_batch_lines=2)
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {}} for i in range(3)]
+
+    async def main() -> None:
+        async with events_client(dataplane, tmp_path) as client:
+            data = {"job_id": "big", "input": lines, "output": str(tmp_path / "o")}
+            status, reply = await post(client, submitted(data, id_="big-1"))
+            assert status == 200 and reply["type"] == "dev.evllm.batch.failed"
+            assert "3 lines; the limit is 2 per job" in reply.data["error"]
+            ok = {"job_id": "small", "input": lines[:2], "output": str(tmp_path / "o")}
+            assert (await post(client, submitted(ok, id_="small-1")))[1]["type"] == "dev.evllm.batch.progress"
+            await wait_local_jobs(client)
+
+    asyncio.run(main())
