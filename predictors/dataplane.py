@@ -117,6 +117,17 @@ class DataPlane:
                 self.limits.check_prompt_tokens(len(ids), error)
         return inputs
 
+    async def _prepare(
+        self, prompts: list[str], params: GenerateParameters, *, stream: bool, error: type[InvalidInput]
+    ) -> tuple[Any, list[Any]]:
+        """Every check a generation needs before it reaches the engine: readiness, limits, sampling
+        parameters and tokenization. Raises the protocol's client error."""
+        self.engine.check_ready()
+        self.limits.check_prompts(len(prompts), error)
+        sp = to_sampling_params(params, self._defaults(), stream=stream, error=error)
+        self.limits.apply_max_tokens(sp, params.max_tokens, error)
+        return sp, await self._inputs(prompts, sp.max_tokens or 0, error)
+
     async def generate_many(
         self,
         prompts: list[str],
@@ -127,11 +138,7 @@ class DataPlane:
         error: type[InvalidInput] = InvalidInput,
     ) -> list[Generation]:
         """Generate for N prompts concurrently (one engine request each) and return final outputs."""
-        self.engine.check_ready()
-        self.limits.check_prompts(len(prompts), error)
-        sp = to_sampling_params(params, self._defaults(), error=error)
-        self.limits.apply_max_tokens(sp, params.max_tokens, error)
-        inputs = await self._inputs(prompts, sp.max_tokens or 0, error)
+        sp, inputs = await self._prepare(prompts, params, stream=False, error=error)
         rid = request_id or uuid.uuid4().hex
 
         async def one(i: int, engine_input: Any) -> Generation:
@@ -168,10 +175,7 @@ class DataPlane:
         error: type[InvalidInput] = InvalidInput,
     ) -> AsyncIterator[Delta]:
         """Validate and tokenize now (so errors are a plain 4xx), then return the delta stream."""
-        self.engine.check_ready()
-        sp = to_sampling_params(params, self._defaults(), stream=True, error=error)
-        self.limits.apply_max_tokens(sp, params.max_tokens, error)
-        (engine_input,) = await self._inputs([prompt], sp.max_tokens or 0, error)
+        sp, (engine_input,) = await self._prepare([prompt], params, stream=True, error=error)
         rid = request_id or uuid.uuid4().hex
 
         async def stream() -> AsyncIterator[Delta]:
