@@ -72,10 +72,12 @@ class ServerProcess:
     def kill(self) -> None:
         """SIGKILL the whole process group we started (server + engine core + workers)."""
         if self.proc and self.proc.poll() is None:
-            for pid in _descendants(self.proc.pid):
+            children = _descendants(self.proc.pid)
+            # The server first, so it cannot answer anything after this point; then its engine processes.
+            self.proc.kill()
+            for pid in children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            self.proc.kill()
             self.proc.wait(30)
 
     def stop(self, timeout: float = 60.0) -> int | None:

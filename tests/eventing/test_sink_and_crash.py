@@ -80,6 +80,15 @@ def submitted(job_id: str, data: dict, id_: str) -> CloudEvent:
     return CloudEvent(attrs, {"job_id": job_id, **data})
 
 
+def _generated_tokens(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:generation_tokens_total")
+    )
+
+
 def test_sink_mode_and_sigkill_redelivery(demo_model_dir: Path, tmp_path: Path, broker: Broker) -> None:
     root = tmp_path / "storage"
     root.mkdir()
@@ -114,8 +123,8 @@ def test_sink_mode_and_sigkill_redelivery(demo_model_dir: Path, tmp_path: Path, 
         check_outputs(root / "out" / "sink-a", good, bad)
 
         # Part 2: SIGKILL in the middle of a chunk, restart, redeliver.
-        # ignore_eos + 800 tokens x 16 lines: a chunk takes seconds on CPU, so the kill lands inside it.
-        heavy = [json.dumps(completion_line(f"k-{i}", f"story {i}", max_tokens=800, ignore_eos=True))
+        # ignore_eos + 900 tokens x 16 lines: a chunk takes seconds on CPU, so the kill lands inside it.
+        heavy = [json.dumps(completion_line(f"k-{i}", f"story {i}", max_tokens=900, ignore_eos=True))
                  for i in range(36)]  # fmt: skip
         (root / "b.jsonl").write_text("\n".join(heavy) + "\n")
         sub = submitted("kill-b", {"input": str(root / "b.jsonl"), "output": str(root / "out"), "chunk_size": 16},
@@ -135,8 +144,12 @@ def test_sink_mode_and_sigkill_redelivery(demo_model_dir: Path, tmp_path: Path, 
                 outcome.append(exc)
 
         t = threading.Thread(target=in_flight)
+        generated = _generated_tokens(proc.url)
         t.start()
-        time.sleep(0.7)
+        # Kill once the engine is generating for chunk 1 (not after a fixed sleep: machines differ).
+        deadline = time.monotonic() + 30
+        while _generated_tokens(proc.url) <= generated and time.monotonic() < deadline:
+            time.sleep(0.05)
         part1 = root / "out" / "kill-b" / "parts" / "chunk-000001.jsonl"
         assert not part1.exists(), "chunk finished before the kill: make it heavier"
         proc.kill()
