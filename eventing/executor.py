@@ -105,8 +105,7 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> Any:
+    async def _acquire(self) -> None:
         cond = self._condition()
         async with cond:
             while self.inflight >= self.limit.current():
@@ -115,34 +114,46 @@ class Executor:
                     await asyncio.wait_for(cond.wait(), self.limit.ramp_interval)
             self.inflight += 1
             self.peak = max(self.peak, self.inflight)
+
+    async def _release(self) -> None:
+        cond = self._condition()
+        async with cond:
+            self.inflight -= 1
+            # One slot freed, one waiter woken: the waiters are chunk feeders, not every pending line.
+            cond.notify(1)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> Any:
+        await self._acquire()
         try:
             yield
         finally:
-            async with cond:
-                self.inflight -= 1
-                cond.notify_all()
+            await self._release()
 
     async def run_line(self, key: str, line: Line) -> dict[str, Any]:
         """One line -> its output record. Engine-not-ready propagates (the chunk is retried whole)."""
         if line.error is not None:
             metrics.batch_line("failed")  # never reaches the engine, so openai_call does not count it
             return error_record(key, line, line.error, "invalid_request")
-        assert line.url is not None and line.body is not None
         async with self.slot():
-            try:
-                status, body = await self.dataplane.openai_call(line.url, line.body, priority=BATCH_PRIORITY)
-            except (NotReady, Overloaded):
-                raise  # not the line's fault: the whole chunk is retried
-            except EvllmError as exc:
-                return error_record(key, line, exc.message, type(exc).__name__, int(exc.status))
-            except Exception as exc:
-                # One poison line must not fail its chunk forever (redelivered until the dead-letter
-                # sink, job never completes): unless the engine itself is down, it is that line's error.
-                if not getattr(self.dataplane, "ready", True):
-                    raise NotReady("engine is not ready") from exc
-                client_error = any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__)
-                code, status = ("invalid_request", 400) if client_error else ("internal_error", 500)
-                return error_record(key, line, str(exc) or type(exc).__name__, code, status)
+            return await self._call(key, line)
+
+    async def _call(self, key: str, line: Line) -> dict[str, Any]:
+        assert line.url is not None and line.body is not None
+        try:
+            status, body = await self.dataplane.openai_call(line.url, line.body, priority=BATCH_PRIORITY)
+        except (NotReady, Overloaded):
+            raise  # not the line's fault: the whole chunk is retried
+        except EvllmError as exc:
+            return error_record(key, line, exc.message, type(exc).__name__, int(exc.status))
+        except Exception as exc:
+            # One poison line must not fail its chunk forever (redelivered until the dead-letter
+            # sink, job never completes): unless the engine itself is down, it is that line's error.
+            if not getattr(self.dataplane, "ready", True):
+                raise NotReady("engine is not ready") from exc
+            client_error = any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__)
+            code, status = ("invalid_request", 400) if client_error else ("internal_error", 500)
+            return error_record(key, line, str(exc) or type(exc).__name__, code, status)
         if status == 200:
             return success_record(key, line, status, body)
         err = body.get("error") if isinstance(body, dict) else None
@@ -154,12 +165,32 @@ class Executor:
         return error_record(key, line, message, f"http_{status}", status, body)
 
     async def run_lines(self, key: str, lines: list[Line]) -> list[dict[str, Any]]:
-        # All lines are scheduled at once; the slot gate decides how many reach the engine.
-        tasks = [asyncio.ensure_future(self.run_line(key, line)) for line in lines]
+        """Run a chunk's lines. One feeder takes a slot before starting each line, so thousands of
+        pending lines never wait on the condition at once (every release would wake them all)."""
+        results: list[dict[str, Any] | None] = [None] * len(lines)
+        tasks: list[asyncio.Future[None]] = []
+
+        async def run(i: int, line: Line) -> None:
+            try:
+                results[i] = await self._call(key, line)
+            finally:
+                await self._release()
+
         try:
-            return list(await asyncio.gather(*tasks))
+            for i, line in enumerate(lines):
+                if line.error is not None:
+                    results[i] = await self.run_line(key, line)
+                    continue
+                failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+                if failed is not None:
+                    break  # e.g. the engine went away: stop feeding, the gather below raises it
+                await self._acquire()
+                tasks.append(asyncio.ensure_future(run(i, line)))
+            await asyncio.gather(*tasks)
         except BaseException:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
