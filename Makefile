@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.evllm-installed
+BENCH_STAMP := $(VENV)/.evllm-bench-installed
 PORT ?= 8080
 MODEL_NAME ?= demo
 
@@ -26,10 +27,15 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -ra
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -e '.[cpu,test,bench]'
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -m bench
 
-bench-smoke: $(STAMP)
+bench-smoke: $(BENCH_STAMP)
 	$(PY) -m bench --smoke
 
 clean:

@@ -1,0 +1,66 @@
+"""`python -m bench` (make bench): the full run, results in bench/results/. `--smoke`: a short run of
+every part of the harness (tiny counts, real servers), results in a temporary directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .report import write
+from .run import Bench, Config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--smoke", action="store_true", help="tiny counts: checks the harness, not performance")
+    p.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--concurrency", type=int, nargs="+", help="online concurrencies (default 1 16 64)")
+    p.add_argument("--duration", type=float, help="measured seconds per online point")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before each online point")
+    p.add_argument("--batch-lines", type=int, nargs=2, metavar=("SMALL", "BIG"))
+    p.add_argument("--chunk-size", type=int, help="evllm batch job chunk_size (0: the server's default)")
+    p.add_argument("--priority-lines", type=int, help="lines of the batch job run under online load")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=["online", "batch", "run_batch", "priority"],
+        help="default: all; batch = evllm jobs, run_batch = vllm run-batch",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite results.md/bench.png from results.json"
+    )
+    args = p.parse_args(argv)
+
+    cfg = Config.smoke() if args.smoke else Config()
+    for name, value in (("repeats", args.repeats), ("concurrencies", args.concurrency),
+                        ("duration", args.duration), ("warmup", args.warmup),
+                        ("priority_lines", args.priority_lines)):  # fmt: skip
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.batch_lines:
+        cfg.batch_small, cfg.batch_big = args.batch_lines
+    if args.chunk_size is not None:
+        cfg.chunk_size = args.chunk_size or None
+    if args.sections:
+        cfg.sections = tuple(args.sections)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="evllm-bench-smoke-")) if args.smoke else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = json.loads((out / "results.json").read_text()) if args.report_only else Bench(cfg, out).run()
+    summary = write(results, out)
+    print((out / "results.md").read_text())
+    print(f"results: {out}/results.md, {out}/bench.png, {out}/results.json")
+    missing = [t["target"] for t in summary["targets"] if t["met"] is None]
+    if missing and not args.smoke:
+        print(f"not measured: {', '.join(missing)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

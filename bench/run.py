@@ -1,0 +1,196 @@
+"""One benchmark run: sessions of `vllm serve` and `evllm serve` alternated (A B A B), run_batch, jobs."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from predictors.demo_model import ensure_demo_model
+
+from . import batchjobs
+from .load import openai_completions, run_load, v2_generate, v2_infer
+from .servers import MODEL_NAME, Server, engine_lock, run_batch, running, work_dir
+
+
+@dataclass
+class Config:
+    repeats: int = 3
+    concurrencies: list[int] = field(default_factory=lambda: [1, 16, 64])
+    warmup: float = 2.0
+    duration: float = 10.0
+    batch_big: int = 20000
+    batch_small: int = 200
+    chunk_size: int | None = 1024
+    priority_concurrency: int = 4
+    priority_lines: int = 4000
+    engine_args: list[str] = field(default_factory=lambda: ["--max-model-len", "1024", "--dtype", "float32"])
+    env: dict[str, str] = field(
+        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONUNBUFFERED": "1"}
+    )
+    # evllm serve defaults to priority scheduling (batch runs below online traffic); give vllm serve
+    # and run_batch the same policy so every engine runs with identical arguments.
+    vllm_policy: str = "priority"
+    sections: tuple[str, ...] = ("online", "batch", "run_batch", "priority")
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(repeats=1, concurrencies=[1, 4], warmup=0.5, duration=2.0, batch_big=40, batch_small=0,
+                   chunk_size=None, priority_lines=300, priority_concurrency=2)  # fmt: skip
+
+
+def machine() -> dict[str, Any]:
+    def sh(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+
+    lscpu = dict(
+        line.split(":", 1) for line in sh("lscpu").splitlines() if ":" in line
+    )  # "Model name:  AMD EPYC"
+    mem_kib = next(
+        (int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+         if line.startswith("MemTotal")), 0)  # fmt: skip
+    import vllm
+
+    return {
+        "nproc": sh("nproc"),
+        "cpu": lscpu.get("Model name", "").strip(),
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "gpu": "none",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "vllm": getattr(vllm, "__version__", "?"),
+    }
+
+
+class Bench:
+    def __init__(self, cfg: Config, out: Path):
+        self.cfg = cfg
+        self.out = out
+        self.work = work_dir()
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.model_dir = ensure_demo_model(self.work / "models" / "demo")
+        self.storage = self.work / "storage"
+        self.storage.mkdir()
+        self.results: dict[str, Any] = {
+            "config": asdict(cfg),
+            "machine": machine(),
+            "online": [],
+            "cold_start": [],
+            "batch": [],
+            "priority": [],
+        }
+        # batch_small 0: one size only (no marginal rate), as in the smoke run.
+        self.sizes = [n for n in (cfg.batch_small, cfg.batch_big) if n > 0]
+        self.files = {n: batchjobs.write_batch_file(self.storage / f"batch-{n}.jsonl", n) for n in self.sizes}
+
+    def engine_args(self, kind: str) -> list[str]:
+        args = list(self.cfg.engine_args)
+        if kind != "evllm":
+            args += ["--scheduling-policy", self.cfg.vllm_policy]
+        return args
+
+    def save(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    # Sessions ---------------------------------------------------------------------------------------
+    def server(self, kind: str) -> Server:
+        return Server(kind, self.model_dir, self.engine_args(kind), self.cfg.env, self.logs, self.storage)
+
+    def online(self, rep: int, srv: Server) -> None:
+        protos = [openai_completions(srv.openai_prefix, MODEL_NAME)]
+        if srv.kind == "evllm":
+            protos += [v2_infer(MODEL_NAME), v2_generate(MODEL_NAME)]
+        for c in self.cfg.concurrencies:
+            for proto in protos:
+                res = run_load(srv.url, proto, c, self.cfg.warmup, self.cfg.duration)
+                self.results["online"].append({"repeat": rep, "server": srv.kind, **res.to_dict()})
+
+    def vllm_session(self, rep: int) -> None:
+        srv = self.server("vllm")
+        with running(srv):
+            self.log(f"vllm serve ready in {srv.cold_start:.1f}s")
+            self.results["cold_start"].append({"repeat": rep, "server": "vllm", "seconds": srv.cold_start})
+            if "online" in self.cfg.sections:
+                self.online(rep, srv)
+        self.save()
+
+    def run_batch(self, rep: int) -> None:
+        for n in self.sizes:
+            out = self.work / f"run_batch-{rep}-{n}.jsonl"
+            secs = run_batch(self.model_dir, self.engine_args("run_batch"), self.cfg.env, self.files[n], out,
+                             self.logs)  # fmt: skip
+            ok, tokens = batchjobs.count_output(out)
+            self.log(f"run_batch {n} lines: {secs:.1f}s ({ok} ok, {tokens} tokens)")
+            self.results["batch"].append({"repeat": rep, "runner": "run_batch", "lines": n, "seconds": secs,
+                                          "ok": ok, "tokens": tokens})  # fmt: skip
+            self.save()
+
+    def evllm_session(self, rep: int) -> None:
+        srv = self.server("evllm")
+        with running(srv):
+            self.log(f"evllm serve ready in {srv.cold_start:.1f}s")
+            self.results["cold_start"].append({"repeat": rep, "server": "evllm", "seconds": srv.cold_start})
+            if "online" in self.cfg.sections:
+                self.online(rep, srv)
+                self.save()
+            if "batch" in self.cfg.sections:
+                for n in self.sizes:
+                    secs, output = batchjobs.run_job(srv.url, self.files[n], self.storage / "jobs",
+                                                     self.cfg.chunk_size)  # fmt: skip
+                    ok, tokens = batchjobs.count_output(output)
+                    self.log(f"evllm job {n} lines: {secs:.1f}s ({ok} ok, {tokens} tokens)")
+                    self.results["batch"].append({"repeat": rep, "runner": "evllm", "lines": n,
+                                                  "seconds": secs, "ok": ok, "tokens": tokens,
+                                                  "cold_start": srv.cold_start})  # fmt: skip
+                self.save()
+            if "priority" in self.cfg.sections:
+                self.priority(rep, srv)
+                self.save()
+
+    def priority(self, rep: int, srv: Server) -> None:
+        """Online p95 at low concurrency with no batch, then while a batch job runs."""
+        cfg = self.cfg
+        proto = openai_completions(srv.openai_prefix, MODEL_NAME)
+        idle = run_load(srv.url, proto, cfg.priority_concurrency, cfg.warmup, cfg.duration)
+        self.results["priority"].append({"repeat": rep, "state": "idle", **idle.to_dict()})
+        inp = batchjobs.write_batch_file(self.storage / f"priority-{rep}.jsonl", cfg.priority_lines)
+        out = self.storage / "jobs"
+        job_id = f"prio-{rep}-{int(time.time())}"
+        t0 = time.perf_counter()
+        batchjobs.submit(srv.url, inp, out, job_id, cfg.chunk_size)
+        time.sleep(1.0)  # the job is at full speed when online traffic arrives
+        busy = run_load(srv.url, proto, cfg.priority_concurrency, cfg.warmup, cfg.duration)
+        t_load = time.perf_counter() - t0
+        still_running = not (out / job_id / "result.json").exists()
+        result = batchjobs.wait_done(out, job_id)
+        t_job = time.perf_counter() - t0
+        self.log(f"priority: job of {cfg.priority_lines} lines took {t_job:.1f}s, "
+                 f"{'still running' if still_running else 'FINISHED'} when the online load ended")  # fmt: skip
+        self.results["priority"].append({"repeat": rep, "state": "batch", **busy.to_dict(),
+                                         "batch_running_throughout": still_running, "job_seconds": t_job,
+                                         "load_seconds": t_load,
+                                         "job_counts": result.get("request_counts")})  # fmt: skip
+
+    def run(self) -> dict[str, Any]:
+        for rep in range(self.cfg.repeats):
+            # One lock for the whole repeat: the A and B sessions stay back to back (another test
+            # session's engines may run between repeats, never between the two sides of a comparison).
+            with engine_lock():
+                self.log(f"repeat {rep + 1}/{self.cfg.repeats}")
+                self.vllm_session(rep)  # A
+                if "run_batch" in self.cfg.sections:
+                    self.run_batch(rep)  # A (batch)
+                self.evllm_session(rep)  # B
+        self.save()
+        return self.results

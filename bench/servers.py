@@ -1,0 +1,166 @@
+"""Start `vllm serve`, `evllm serve` and `run_batch` the same way, one engine at a time.
+
+Every engine runs under the engine lock shared with the test suite (/tmp/evllm-engine.lock), so a
+benchmark never overlaps a test session's engine on this small machine. Servers start in our own session
+(no setsid): a new session gets its own autogroup, i.e. half the CPU time, and measured 5x slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.server import ENGINE_LOCK, ROOT, _descendants, free_port
+
+MODEL_NAME = "demo"
+
+
+_held = 0  # re-entrant within this process: a repeat holds it across its engines
+
+
+@contextlib.contextmanager
+def engine_lock(timeout: float = 3600.0) -> Iterator[None]:
+    """The test suite's engine lock (re-entrant here), with a timeout instead of waiting forever."""
+    global _held
+    if _held:
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+        return
+    ENGINE_LOCK.touch(exist_ok=True)
+    with open(ENGINE_LOCK) as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{ENGINE_LOCK} still held after {timeout:.0f}s") from None
+                time.sleep(0.5)
+        _held = 1
+        try:
+            yield
+        finally:
+            _held = 0
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+class Server:
+    """`kind` is "vllm" (vllm's OpenAI api_server) or "evllm" (`python -m predictors`)."""
+
+    def __init__(
+        self,
+        kind: str,
+        model_dir: Path,
+        engine_args: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        storage_root: Path | None = None,
+    ):
+        self.kind = kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        py = sys.executable
+        if kind == "vllm":
+            self.cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                        "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port),
+                        *engine_args]  # fmt: skip
+            self.ready_path = "/health"
+            self.openai_prefix = ""
+        elif kind == "evllm":
+            self.cmd = [py, "-m", "predictors", "--model_name", MODEL_NAME, "--model_dir", str(model_dir),
+                        "--http_port", str(self.port), *engine_args]  # fmt: skip
+            if storage_root is not None:
+                self.cmd += ["--storage_roots", str(storage_root)]
+            self.ready_path = "/v2/health/ready"
+            self.openai_prefix = "/openai"
+        else:
+            raise ValueError(kind)
+        self.env = {**os.environ, **env}
+        self.log_path = log_dir / f"{kind}-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cold_start: float | None = None
+
+    def start(self, timeout: float = 600.0) -> Server:
+        t0 = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}:\n{self.tail()}")
+            if _ready(self.url + self.ready_path):
+                self.cold_start = time.perf_counter() - t0
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"{self.kind} not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for pid in _descendants(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    with engine_lock():
+        try:
+            yield server.start()
+        finally:
+            server.stop()
+
+
+def run_batch(
+    model_dir: Path, engine_args: list[str], env: dict[str, str], inp: Path, out: Path, log_dir: Path
+) -> float:
+    """`vllm run-batch` end to end (process start to exit, engine start included): seconds."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(inp), "-o", str(out),
+           "--model", str(model_dir), "--served-model-name", MODEL_NAME, *engine_args]  # fmt: skip
+    log_path = log_dir / f"run_batch-{inp.stem}.log"
+    with engine_lock(), open(log_path, "ab") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log)
+        elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"run_batch exited with {proc.returncode}:\n{tail}")
+    return elapsed
+
+
+def work_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="evllm-bench-"))
