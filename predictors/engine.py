@@ -21,7 +21,6 @@ class Engine:
         self.args = args
         self.client: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self.supported_tasks: tuple[str, ...] = ()
-        self._shutdown_timeout: Any = None
         self.draining = False
 
     async def start(self) -> None:
@@ -41,7 +40,6 @@ class Engine:
 
         def build() -> Any:
             vllm_config = engine_args.create_engine_config(usage_context=usage)
-            self._shutdown_timeout = vllm_config.shutdown_timeout
             return AsyncLLM.from_vllm_config(
                 vllm_config=vllm_config,
                 usage_context=usage,
@@ -57,11 +55,6 @@ class Engine:
         self.client = client
         self.supported_tasks = tuple(await client.get_supported_tasks())
         logger.info("engine ready: model=%s max_model_len=%d", self.args.model, self.max_model_len)
-
-    async def stop(self) -> None:
-        if self.client is not None:
-            self.client.shutdown(timeout=self._shutdown_timeout)
-            self.client = None
 
     @property
     def ready(self) -> bool:
@@ -82,10 +75,6 @@ class Engine:
     @property
     def max_model_len(self) -> int:
         return int(self.client.model_config.max_model_len)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.client.renderer.tokenizer
 
     async def render(self, texts: list[str], max_tokens: int = 0) -> list[Any]:
         """Tokenize prompts with the engine's own renderer (what the OpenAI server does)."""
