@@ -12,10 +12,12 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from predictors.demo_model import ensure_demo_model
 
+from . import batchjobs
 from .load import openai_completions, run_load, v2_generate, v2_infer
 from .run import Config
 from .servers import MODEL_NAME, Server, running, work_dir
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--out", type=Path, default=Path("bench/results/profiles"))
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--batch", type=int, default=0, metavar="LINES",
+                   help="profile a batch job of LINES chat lines instead of online load (evllm only)")  # fmt: skip
     args = p.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     cfg = Config()
@@ -43,14 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     proto = {"openai": lambda: openai_completions(prefix, MODEL_NAME), "v2-infer": lambda: v2_infer(MODEL_NAME),
              "v2-generate": lambda: v2_generate(MODEL_NAME)}[args.protocol]()  # fmt: skip
     stem = args.out / f"{args.server}-{args.protocol}-c{args.concurrency}"
+    if args.batch:
+        stem = args.out / f"{args.server}-batch-{args.batch}"
     with running(srv):
         assert srv.proc is not None
         run_load(srv.url, proto, args.concurrency, 1.0, 3.0)  # warm up
         record = [py_spy, "record", "-p", str(srv.proc.pid), "-d", str(int(args.duration)), "-r",
                   str(args.rate), "-f", "raw", "-o", f"{stem}.txt", "--nonblocking"]  # fmt: skip
         spy = threading.Thread(target=subprocess.run, args=(record,), kwargs={"capture_output": True})
-        spy.start()
-        run_load(srv.url, proto, args.concurrency, 0.5, args.duration)
+        if args.batch:
+            inp = batchjobs.write_batch_file(work / "profile.jsonl", args.batch)
+            job = f"profile-{int(time.time())}"
+            batchjobs.submit(srv.url, inp, work / "jobs", job, cfg.chunk_size)
+            time.sleep(2.0)  # past the ramp-up
+            spy.start()
+            batchjobs.wait_done(work / "jobs", job)
+        else:
+            spy.start()
+            run_load(srv.url, proto, args.concurrency, 0.5, args.duration)
         spy.join()
     top(Path(f"{stem}.txt"))
     return 0

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,8 +51,27 @@ def completed_event_id(manifest: Manifest) -> str:
     return f"batch-{job_key(manifest.output, manifest.job_id)}-completed"
 
 
+_INPUT_CACHE_SIZE = 2
+_input_cache: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
+_input_lock = threading.Lock()
+
+
+def _input_lines(files: JobFiles, manifest: Manifest) -> list[str]:
+    """The job's input lines, read once per process: every chunk of a job would otherwise read and
+    split the whole input again (O(lines x chunks)). The job's input copy never changes (its sha256 is
+    in the manifest), so the cache cannot go stale."""
+    key = (files.input.uri, manifest.input_sha256)
+    with _input_lock:  # held while reading: chunks starting together read the input once
+        if key not in _input_cache:
+            _input_cache[key] = split_lines(read_bytes(files.input), files.input.uri)
+            while len(_input_cache) > _INPUT_CACHE_SIZE:
+                _input_cache.popitem(last=False)
+        _input_cache.move_to_end(key)
+        return _input_cache[key]
+
+
 def chunk_lines(files: JobFiles, manifest: Manifest, index: int) -> list[Line]:
-    texts = split_lines(read_bytes(files.input), files.input.uri)
+    texts = _input_lines(files, manifest)
     dups = set(manifest.duplicates)
     lines = []
     for i in manifest.chunk_range(index):

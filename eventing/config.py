@@ -11,10 +11,11 @@ DEFAULT_PREFIX = "dev.evllm"
 # Local paths (plain or file://) must stay inside these directories; cloud URIs are not confined.
 DEFAULT_STORAGE_ROOT = "./evllm-data"
 DEFAULT_CHUNK_SIZE = 64
-# Batch sequences in flight when the engine is otherwise idle, and while online requests run. The
-# issue's measurements: 4 in flight costs online p95 x1.16, 128 costs x95, so back off hard.
+# Batch sequences in flight when the engine is otherwise idle, and while online requests run. Measured
+# on 2 CPU cores at online concurrency 4: 128 batch sequences in flight cost online p95 x95, 4 cost
+# x1.1-2.0 (noisy), 1 or 2 cost x1.1. On a GPU a few more sequences per step cost little: raise it there.
 DEFAULT_MAX_INFLIGHT = 256
-DEFAULT_ONLINE_INFLIGHT = 4
+DEFAULT_ONLINE_INFLIGHT = 1
 BATCH_PRIORITY = 10  # vLLM serves lower numbers first; online traffic uses 0
 
 

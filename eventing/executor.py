@@ -1,7 +1,7 @@
 """Runs batch lines on the shared engine below online traffic, with an adaptive in-flight limit.
 
 Engine priority alone does not protect online latency (measured: 128 batch sequences in flight at
-priority 10 took online p95 from 52 ms to 5.2 s, the same as FCFS; 4 in flight cost x1.16). So:
+priority 10 took online p95 from 52 ms to 5.2 s, the same as FCFS; 1 or 2 in flight cost x1.1). So:
 
 * while any online request runs or waits on this replica (``DataPlane.online_load > 0``) at most
   ``low`` batch sequences are in flight (new lines wait; running ones finish);
@@ -22,7 +22,7 @@ from predictors import metrics
 from predictors.errors import EvllmError, NotReady, Overloaded
 
 from .batch import Line, error_record, success_record
-from .config import BATCH_PRIORITY
+from .config import BATCH_PRIORITY, DEFAULT_MAX_INFLIGHT, DEFAULT_ONLINE_INFLIGHT
 
 
 class DataPlaneLike(Protocol):
@@ -42,8 +42,8 @@ class AdaptiveLimit:
         self,
         load: Callable[[], int],
         *,
-        low: int = 4,
-        high: int = 256,
+        low: int = DEFAULT_ONLINE_INFLIGHT,
+        high: int = DEFAULT_MAX_INFLIGHT,
         ramp_interval: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -71,7 +71,12 @@ class Executor:
     """One per process: every chunk of every job shares the same in-flight budget."""
 
     def __init__(
-        self, dataplane: DataPlaneLike, *, low: int = 4, high: int = 256, ramp_interval: float = 0.25
+        self,
+        dataplane: DataPlaneLike,
+        *,
+        low: int = DEFAULT_ONLINE_INFLIGHT,
+        high: int = DEFAULT_MAX_INFLIGHT,
+        ramp_interval: float = 0.25,
     ):
         self.dataplane = dataplane
         self.limit = AdaptiveLimit(
@@ -95,6 +100,7 @@ class Executor:
             await event.wait()
             event.clear()
             self.limit.observe()
+            metrics.batch_inflight(self.inflight, self.limit.current())
             assert self._cond is not None
             async with self._cond:
                 self._cond.notify_all()
@@ -114,11 +120,13 @@ class Executor:
                     await asyncio.wait_for(cond.wait(), self.limit.ramp_interval)
             self.inflight += 1
             self.peak = max(self.peak, self.inflight)
+            metrics.batch_inflight(self.inflight, self.limit.current())
 
     async def _release(self) -> None:
         cond = self._condition()
         async with cond:
             self.inflight -= 1
+            metrics.batch_inflight(self.inflight, self.limit.current())
             # One slot freed, one waiter woken: the waiters are chunk feeders, not every pending line.
             cond.notify(1)
 
@@ -170,9 +178,15 @@ class Executor:
         results: list[dict[str, Any] | None] = [None] * len(lines)
         tasks: list[asyncio.Future[None]] = []
 
+        failed = False
+
         async def run(i: int, line: Line) -> None:
+            nonlocal failed
             try:
                 results[i] = await self._call(key, line)
+            except BaseException:
+                failed = True
+                raise
             finally:
                 await self._release()
 
@@ -181,8 +195,7 @@ class Executor:
                 if line.error is not None:
                     results[i] = await self.run_line(key, line)
                     continue
-                failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
-                if failed is not None:
+                if failed:
                     break  # e.g. the engine went away: stop feeding, the gather below raises it
                 await self._acquire()
                 tasks.append(asyncio.ensure_future(run(i, line)))

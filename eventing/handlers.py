@@ -30,6 +30,7 @@ from .storage import Storage, StorageError, exists
 
 logger = logging.getLogger("evllm.eventing")
 
+LOCAL_CHUNKS_AT_ONCE = 2  # local mode (no K_SINK): chunks of one job that run at once
 DEDUP_SIZE = 1024  # recent inference replies kept for redeliveries (same source + id)
 
 
@@ -208,25 +209,42 @@ class Handlers:
         )
 
     async def _run_local(self, files: JobFiles, manifest: Manifest) -> None:
-        """No K_SINK: run the chunks here, one after another, each still an exactly-once unit."""
-        index, delay = 0, 1.0
-        while index < manifest.chunks:
+        """No K_SINK: run the chunks here, each still an exactly-once unit. Two at a time, so the next
+        chunk fills the engine while the last lines of the previous one finish (one at a time, every
+        chunk ended with the engine draining); the executor's budget bounds the lines in flight."""
+        todo = iter(range(manifest.chunks))
+        failed = False
+
+        async def worker() -> None:
+            nonlocal failed
+            for index in todo:  # shared by the workers: each chunk is taken once
+                if failed or not await self._run_local_chunk(files, manifest, index):
+                    failed = True
+                    return
+
+        await asyncio.gather(*(worker() for _ in range(min(LOCAL_CHUNKS_AT_ONCE, manifest.chunks))))
+        if failed:
+            return
+        completion = await asyncio.to_thread(complete, files, manifest)
+        if completion is not None:
+            logger.info("job %s completed: %s", manifest.job_id, completion.request_counts)
+
+    async def _run_local_chunk(self, files: JobFiles, manifest: Manifest, index: int) -> bool:
+        """Run one chunk, retrying while the engine is away; False when it failed for good."""
+        delay = 1.0
+        while True:
             try:
                 await run_chunk(self.executor, files, manifest, index)
+                return True
             except (NotReady, Overloaded) as exc:
                 logger.warning("job %s chunk %d: %s; retrying in %.0fs", manifest.job_id, index, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-                continue
             except Exception:
                 logger.exception(
                     "job %s chunk %d failed; redeliver batch.submitted to resume", manifest.job_id, index
                 )
-                return
-            index, delay = index + 1, 1.0
-        completion = await asyncio.to_thread(complete, files, manifest)
-        if completion is not None:
-            logger.info("job %s completed: %s", manifest.job_id, completion.request_counts)
+                return False
 
     async def chunk(self, event: Event) -> Reply:
         catalog.check("batch.chunk", event.data, BadEvent)

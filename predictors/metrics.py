@@ -69,6 +69,12 @@ BATCH_CHUNKS = Counter("evllm_batch_chunks", "Batch chunks by outcome.", ["model
 BATCH_LINES = Counter(
     "evllm_batch_lines", "Batch lines (one engine request each) by outcome.", ["model", "outcome"]
 )
+BATCH_INFLIGHT = Gauge("evllm_batch_inflight", "Batch lines in the engine now.", ["model"])
+BATCH_INFLIGHT_LIMIT = Gauge(
+    "evllm_batch_inflight_limit",
+    "Batch lines allowed in the engine now (lower while online traffic runs).",
+    ["model"],
+)
 
 # Which protocol the current request speaks; set by the HTTP middleware, read by the engine hook.
 PROTOCOL: contextvars.ContextVar[str] = contextvars.ContextVar("evllm_protocol", default="other")
@@ -98,6 +104,8 @@ def init(model: str, admission_limit: int) -> None:
         BATCH_CHUNKS.labels(model, o)
     for o in BATCH_LINE_OUTCOMES:
         BATCH_LINES.labels(model, o)
+    BATCH_INFLIGHT.labels(model).set(0)
+    BATCH_INFLIGHT_LIMIT.labels(model).set(0)
 
 
 def model() -> str:
@@ -134,6 +142,11 @@ def batch_chunk(outcome: str) -> None:
 
 def batch_line(outcome: str) -> None:
     BATCH_LINES.labels(_model, _check(outcome, BATCH_LINE_OUTCOMES)).inc()
+
+
+def batch_inflight(inflight: int, limit: int) -> None:
+    BATCH_INFLIGHT.labels(_model).set(inflight)
+    BATCH_INFLIGHT_LIMIT.labels(_model).set(limit)
 
 
 def _check(value: str, allowed: tuple[str, ...]) -> str:

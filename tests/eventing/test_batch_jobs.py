@@ -14,7 +14,7 @@ from cloudevents.http import CloudEvent, from_http
 from eventing import chunk
 from eventing.batch import JobFiles, Manifest
 
-from .batchdata import check_outputs, mixed_lines
+from .batchdata import check_outputs, completion_line, mixed_lines
 from .fakes import FakeDataPlane, events_client
 
 SUBMITTED = "dev.evllm.batch.submitted"
@@ -74,6 +74,58 @@ def test_local_job_end_to_end(tmp_path: Path) -> None:
 
     asyncio.run(main())
     check_outputs(tmp_path / "out" / "job1", good, bad)
+
+
+class SlowLastLine(FakeDataPlane):
+    """Records which prompts are in flight when each call starts; prompt "slow" takes 0.3 s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running: set[str] = set()
+        self.seen_with: dict[str, set[str]] = {}
+
+    async def openai_call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]:
+        prompt = body["prompt"]
+        self.seen_with[prompt] = set(self.running)
+        self.running.add(prompt)
+        self.delay = 0.3 if prompt == "slow" else 0.01
+        try:
+            return await super().openai_call(url, body, priority=priority)
+        finally:
+            self.running.discard(prompt)
+
+
+def test_local_job_overlaps_chunks_and_reads_its_input_once(tmp_path: Path, monkeypatch) -> None:
+    # Chunk a ends with a slow line: a later chunk starts beside it instead of waiting for it to drain.
+    prompts = ["a0", "a1", "a2", "slow", "b0", "b1", "b2", "b3", "c0", "c1"]
+    inp = write_input(tmp_path, [json.dumps(completion_line(f"id-{p}", p)) for p in prompts])
+    reads: list[str] = []
+    read_bytes = chunk.read_bytes
+    monkeypatch.setattr(chunk, "read_bytes", lambda loc: reads.append(loc.uri) or read_bytes(loc))
+
+    async def main() -> None:
+        dp = SlowLastLine()
+        async with events_client(dp, tmp_path) as client:
+            data = {
+                "job_id": "ov",
+                "input": f"file://{inp}",
+                "output": str(tmp_path / "out"),
+                "chunk_size": 4,
+            }
+            status, _ = await post(client, submitted(data))
+            assert status == 200
+            await wait_local_jobs(client)
+            status, done = await post(client, submitted(data, id_="again"))
+            assert done["type"] == "dev.evllm.batch.completed"
+            assert done.data["request_counts"] == {"total": 10, "completed": 10, "failed": 0}
+        assert sorted(body["prompt"] for _, body, _ in dp.calls) == sorted(prompts)
+        # Chunks a and b start together; b finishes quickly and c starts while "slow" still runs (one
+        # chunk at a time, c would wait for a's last line).
+        assert "slow" in dp.seen_with["c0"] and "slow" in dp.seen_with["c1"]
+
+    asyncio.run(main())
+    inputs = [u for u in reads if u.endswith("/ov/input.jsonl")]
+    assert len(inputs) == 1, reads
 
 
 def test_bad_jobs_reply_batch_failed(tmp_path: Path) -> None:

@@ -109,3 +109,28 @@ def test_unexpected_line_exception_is_that_lines_error_unless_the_engine_is_down
         await ex.close()
 
     asyncio.run(main())
+
+
+def test_chunk_stops_feeding_lines_once_the_engine_went_away() -> None:
+    async def main() -> None:
+        dp = FakeDataPlane()
+        calls = 0
+
+        async def flaky(url, body, *, priority=0):
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.001)
+            if calls >= 3:
+                raise NotReady("engine is not ready")
+            return 200, {"choices": []}
+
+        dp.openai_call = flaky  # type: ignore[method-assign]
+        ex = Executor(dp, low=2, high=2)
+        lines = [Line(i, f"id-{i}", "/v1/completions", {"prompt": "x"}) for i in range(100)]
+        with pytest.raises(NotReady):
+            await ex.run_lines("k", lines)
+        assert calls < 10  # not the other 90-odd lines after the failure
+        assert ex.inflight == 0  # every slot given back
+        await ex.close()
+
+    asyncio.run(main())
