@@ -134,3 +134,30 @@ def test_chunk_stops_feeding_lines_once_the_engine_went_away() -> None:
         await ex.close()
 
     asyncio.run(main())
+
+
+def test_inflight_gauges_follow_the_executor() -> None:
+    from prometheus_client import REGISTRY
+
+    from predictors import metrics
+
+    def gauge(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"model": metrics.model()})
+
+    async def main() -> None:
+        dp = FakeDataPlane(delay=0.05)
+        ex = Executor(dp, low=2, high=8, ramp_interval=10)
+        seen: list[tuple[float | None, float | None]] = []
+
+        async def watch() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0.02)
+                seen.append((gauge("evllm_batch_inflight"), gauge("evllm_batch_inflight_limit")))
+
+        with dp.online():
+            await asyncio.gather(ex.run_lines("k", lines(6)), watch())
+        assert (2.0, 2.0) in seen  # two lines in the engine, limit 2 under online load
+        assert gauge("evllm_batch_inflight") == 0
+        await ex.close()
+
+    asyncio.run(main())
