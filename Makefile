@@ -17,12 +17,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# The demo model, generated on first use: no download, no GPU, no environment variables needed.
 serve: $(STAMP)
-	$(VENV)/bin/evllm serve --model_name $(MODEL_NAME) --http_port $(PORT)
+	$(VENV)/bin/evllm serve --model_name $(MODEL_NAME) --model_dir demo --http_port $(PORT)
 
+# Style, the one-way package contract (import-linter) and the types (mypy, strict on the packages).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 test: $(STAMP) lint
 	$(PY) -m pytest -ra

@@ -1,5 +1,6 @@
 """`python -m bench` (make bench): the full run, results in bench/results/. `--smoke`: a short run of
-every part of the harness (tiny counts, real servers), results in a temporary directory."""
+every part of the harness (tiny counts, real servers), results in a temporary directory. `--url`: measure
+an evllm serve that is already running (no engine started, no vllm serve comparison)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--report-only", action="store_true", help="rewrite results.md/bench.png from results.json"
     )
+    p.add_argument(
+        "--url",
+        help="attach to the evllm serve running at URL instead of starting servers: its online, batch and "
+        "priority sections only (no vllm serve / run-batch comparison, no cold start)",
+    )
+    p.add_argument(
+        "--storage",
+        type=Path,
+        help="with --url: a directory inside that server's --storage_roots for the batch and priority jobs",
+    )
     args = p.parse_args(argv)
+    if args.storage is not None and args.url is None:
+        p.error("--storage goes with --url (started servers get their own storage)")
 
     cfg = Config.smoke() if args.smoke else Config()
     for name, value in (("repeats", args.repeats), ("concurrencies", args.concurrency),
@@ -49,7 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg.chunk_size = args.chunk_size or None
     if args.sections:
         cfg.sections = tuple(args.sections)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="evllm-bench-smoke-")) if args.smoke else RESULTS)
+    if args.url is not None:
+        if args.sections and "run_batch" in args.sections:
+            p.error("--url: run_batch starts its own engine; leave it out")
+        cfg.sections = tuple(s for s in cfg.sections if s != "run_batch")
+        if {"batch", "priority"} & set(cfg.sections) and args.storage is None:
+            p.error(
+                "--url with the batch or priority section needs --storage (inside the server's storage roots)"
+            )
+        cfg.url = args.url.rstrip("/")
+        cfg.storage = str(args.storage.resolve()) if args.storage is not None else None
+    # bench/results/ holds the published A/B figures: only a full run with its own servers writes there.
+    scratch = args.smoke or args.url is not None
+    out = args.out or (Path(tempfile.mkdtemp(prefix="evllm-bench-smoke-")) if scratch else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
 
     results = json.loads((out / "results.json").read_text()) if args.report_only else Bench(cfg, out).run()

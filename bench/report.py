@@ -63,8 +63,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     for (runner, _rep), sizes in per.items():
         for n, b in sizes.items():
             e2e[runner][n].append(b["seconds"])
-            if runner == "evllm":
-                e2e["evllm+start"][n].append(b["seconds"] + (b.get("cold_start") or 0))
+            if runner == "evllm" and b.get("cold_start") is not None:  # None: attached (--url)
+                e2e["evllm+start"][n].append(b["seconds"] + b["cold_start"])
         if small in sizes and big in sizes and sizes[big]["seconds"] > sizes[small]["seconds"]:
             dt = sizes[big]["seconds"] - sizes[small]["seconds"]
             marg[runner + ":lines"].append((sizes[big]["ok"] - sizes[small]["ok"]) / dt)
@@ -148,18 +148,36 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 
 def markdown(results: dict[str, Any], s: dict[str, Any]) -> str:
     m, cfg = results["machine"], results["config"]
-    lines = [
-        "# evllm vs `vllm serve` / `vllm run-batch`",
-        "",
-        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['mem_gib']} GiB RAM, no GPU; vLLM {m['vllm']} (CPU), "
-        f"Python {m['python']}, kernel {m['kernel']}.",
-        f"Model: the demo tiny Llama; engine args `{' '.join(cfg['engine_args'])}` on every engine "
-        f"(+ `--scheduling-policy {cfg['vllm_policy']}` for vllm serve / run_batch, evllm's default), "
-        f"env {cfg['env']}.",
+    load = (
         f"Load: closed loop, fixed prompts, 32 output tokens, ignore_eos, greedy; warmup {cfg['warmup']} s, "
-        f"{cfg['duration']} s measured per point; {len({c['repeat'] for c in results['cold_start']})} "
-        "repeat(s), sessions alternated "
-        "vllm serve / evllm (A B A B); figures are medians, ratios are medians of per-repeat ratios.",
+        f"{cfg['duration']} s measured per point; "
+    )
+    attached = results.get("attached")
+    if attached:
+        head = [
+            f"# evllm serve at {attached} (attached: no `vllm serve` / `run-batch` comparison)",
+            "",
+            f"Machine: {m['nproc']} cores ({m['cpu']}), {m['mem_gib']} GiB RAM; vLLM {m['vllm']} installed here, "
+            f"Python {m['python']}, kernel {m['kernel']}.",
+            "Server: already running when the bench started, with its own model and engine args; nothing "
+            "was started here (no cold start).",
+            load + f"{len({r['repeat'] for r in results['online']})} repeat(s); figures are medians.",
+        ]
+    else:
+        head = [
+            "# evllm vs `vllm serve` / `vllm run-batch`",
+            "",
+            f"Machine: {m['nproc']} cores ({m['cpu']}), {m['mem_gib']} GiB RAM, no GPU; vLLM {m['vllm']} (CPU), "
+            f"Python {m['python']}, kernel {m['kernel']}.",
+            f"Model: the demo tiny Llama; engine args `{' '.join(cfg['engine_args'])}` on every engine "
+            f"(+ `--scheduling-policy {cfg['vllm_policy']}` for vllm serve / run_batch, evllm's default), "
+            f"env {cfg['env']}.",
+            load + f"{len({c['repeat'] for c in results['cold_start']})} "
+            "repeat(s), sessions alternated "
+            "vllm serve / evllm (A B A B); figures are medians, ratios are medians of per-repeat ratios.",
+        ]
+    lines = [
+        *head,
         "",
         "## Targets",
         "",

@@ -1,4 +1,5 @@
-"""One benchmark run: sessions of `vllm serve` and `evllm serve` alternated (A B A B), run_batch, jobs."""
+"""One benchmark run: sessions of `vllm serve` and `evllm serve` alternated (A B A B), run_batch, jobs.
+With `Config.url`, the evllm measurements only, on a server that is already running (no engine started)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import platform
 import subprocess
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from predictors.demo_model import ensure_demo_model
 
 from . import batchjobs
 from .load import openai_completions, run_load, v2_generate, v2_infer
-from .servers import MODEL_NAME, Server, engine_lock, run_batch, running, work_dir
+from .servers import MODEL_NAME, Attached, Server, engine_lock, run_batch, running, work_dir
 
 
 @dataclass
@@ -36,6 +38,11 @@ class Config:
     # and run_batch the same policy so every engine runs with identical arguments.
     vllm_policy: str = "priority"
     sections: tuple[str, ...] = ("online", "batch", "run_batch", "priority")
+    # Attach to an `evllm serve` already running at url instead of starting servers (no vllm serve,
+    # run_batch or cold start); batch and priority jobs then live in `storage`, which must be inside
+    # that server's --storage_roots.
+    url: str | None = None
+    storage: str | None = None
 
     @classmethod
     def smoke(cls) -> Config:
@@ -76,9 +83,12 @@ class Bench:
         self.work = work_dir()
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.model_dir = ensure_demo_model(self.work / "models" / "demo")
-        self.storage = self.work / "storage"
-        self.storage.mkdir()
+        if cfg.url is None:
+            self.model_dir = ensure_demo_model(self.work / "models" / "demo")
+            self.storage = self.work / "storage"
+        else:  # the attached server reads inputs and writes outputs here (inside its storage roots)
+            self.storage = Path(cfg.storage or self.work) / f"bench-{uuid.uuid4().hex[:8]}"
+        self.storage.mkdir(parents=True)
         self.results: dict[str, Any] = {
             "config": asdict(cfg),
             "machine": machine(),
@@ -107,7 +117,7 @@ class Bench:
     def server(self, kind: str) -> Server:
         return Server(kind, self.model_dir, self.engine_args(kind), self.cfg.env, self.logs, self.storage)
 
-    def online(self, rep: int, srv: Server) -> None:
+    def online(self, rep: int, srv: Server | Attached) -> None:
         protos = [openai_completions(srv.openai_prefix, MODEL_NAME)]
         if srv.kind == "evllm":
             protos += [v2_infer(MODEL_NAME), v2_generate(MODEL_NAME)]
@@ -141,24 +151,28 @@ class Bench:
         with running(srv):
             self.log(f"evllm serve ready in {srv.cold_start:.1f}s")
             self.results["cold_start"].append({"repeat": rep, "server": "evllm", "seconds": srv.cold_start})
-            if "online" in self.cfg.sections:
-                self.online(rep, srv)
-                self.save()
-            if "batch" in self.cfg.sections:
-                for n in self.sizes:
-                    secs, output = batchjobs.run_job(srv.url, self.files[n], self.storage / "jobs",
-                                                     self.cfg.chunk_size)  # fmt: skip
-                    ok, tokens = batchjobs.count_output(output)
-                    self.log(f"evllm job {n} lines: {secs:.1f}s ({ok} ok, {tokens} tokens)")
-                    self.results["batch"].append({"repeat": rep, "runner": "evllm", "lines": n,
-                                                  "seconds": secs, "ok": ok, "tokens": tokens,
-                                                  "cold_start": srv.cold_start})  # fmt: skip
-                self.save()
-            if "priority" in self.cfg.sections:
-                self.priority(rep, srv)
-                self.save()
+            self.evllm_work(rep, srv)
 
-    def priority(self, rep: int, srv: Server) -> None:
+    def evllm_work(self, rep: int, srv: Server | Attached) -> None:
+        """Everything measured on evllm: online protocols, batch jobs, online latency under a job."""
+        if "online" in self.cfg.sections:
+            self.online(rep, srv)
+            self.save()
+        if "batch" in self.cfg.sections:
+            for n in self.sizes:
+                secs, output = batchjobs.run_job(srv.url, self.files[n], self.storage / "jobs",
+                                                 self.cfg.chunk_size)  # fmt: skip
+                ok, tokens = batchjobs.count_output(output)
+                self.log(f"evllm job {n} lines: {secs:.1f}s ({ok} ok, {tokens} tokens)")
+                self.results["batch"].append({"repeat": rep, "runner": "evllm", "lines": n,
+                                              "seconds": secs, "ok": ok, "tokens": tokens,
+                                              "cold_start": srv.cold_start})  # fmt: skip
+            self.save()
+        if "priority" in self.cfg.sections:
+            self.priority(rep, srv)
+            self.save()
+
+    def priority(self, rep: int, srv: Server | Attached) -> None:
         """Online p95 at low concurrency with no batch, then while a batch job runs."""
         cfg = self.cfg
         proto = openai_completions(srv.openai_prefix, MODEL_NAME)
@@ -183,6 +197,8 @@ class Bench:
                                          "job_counts": result.get("request_counts")})  # fmt: skip
 
     def run(self) -> dict[str, Any]:
+        if self.cfg.url is not None:
+            return self.run_attached(self.cfg.url)
         for rep in range(self.cfg.repeats):
             # One lock for the whole repeat: the A and B sessions stay back to back (another test
             # session's engines may run between repeats, never between the two sides of a comparison).
@@ -192,5 +208,15 @@ class Bench:
                 if "run_batch" in self.cfg.sections:
                     self.run_batch(rep)  # A (batch)
                 self.evllm_session(rep)  # B
+        self.save()
+        return self.results
+
+    def run_attached(self, url: str) -> dict[str, Any]:
+        """No engine started (so no engine lock): the running server's evllm measurements only."""
+        srv = Attached(url).check()
+        self.results["attached"] = url
+        for rep in range(self.cfg.repeats):
+            self.log(f"repeat {rep + 1}/{self.cfg.repeats} on {url}")
+            self.evllm_work(rep, srv)
         self.save()
         return self.results

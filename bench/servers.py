@@ -1,4 +1,5 @@
-"""Start `vllm serve`, `evllm serve` and `run_batch` the same way, one engine at a time.
+"""Start `vllm serve`, `evllm serve` and `run_batch` the same way, one engine at a time (or attach to an
+`evllm serve` someone else started: `python -m bench --url`).
 
 Every engine runs under the engine lock shared with the test suite (/tmp/evllm-engine.lock), so a
 benchmark never overlaps a test session's engine on this small machine. Servers start in our own session
@@ -17,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.server import ENGINE_LOCK, ROOT, _descendants, free_port
@@ -66,7 +68,8 @@ def _ready(url: str) -> bool:
 
 
 class Server:
-    """`kind` is "vllm" (vllm's OpenAI api_server) or "evllm" (`python -m predictors`)."""
+    """`kind` is "vllm" (vllm's OpenAI api_server) or "evllm" (`python -m evllm serve`, the container's
+    command; the model directory is always explicit)."""
 
     def __init__(
         self,
@@ -88,7 +91,7 @@ class Server:
             self.ready_path = "/health"
             self.openai_prefix = ""
         elif kind == "evllm":
-            self.cmd = [py, "-m", "predictors", "--model_name", MODEL_NAME, "--model_dir", str(model_dir),
+            self.cmd = [py, "-m", "evllm", "serve", "--model_name", MODEL_NAME, "--model_dir", str(model_dir),
                         "--http_port", str(self.port), *engine_args]  # fmt: skip
             if storage_root is not None:
                 self.cmd += ["--storage_roots", str(storage_root)]
@@ -134,6 +137,21 @@ class Server:
                     os.kill(pid, signal.SIGKILL)
             self.proc.kill()
             self.proc.wait(30)
+
+
+@dataclass
+class Attached:
+    """An `evllm serve` already running at `url` (started by someone else: nothing to start or stop)."""
+
+    url: str
+    kind: str = "evllm"
+    openai_prefix: str = "/openai"
+    cold_start: float | None = None  # not measured: the server was up before the bench
+
+    def check(self) -> Attached:
+        if not _ready(self.url + "/v2/health/ready"):
+            raise RuntimeError(f"no ready evllm serve at {self.url} (GET /v2/health/ready)")
+        return self
 
 
 @contextlib.contextmanager

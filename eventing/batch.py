@@ -18,11 +18,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from predictors import metrics
 from predictors.errors import InvalidInput
-from predictors.openai import BATCH_URLS
+from predictors.openai import CALL_URLS as BATCH_URLS
 
-from . import catalog
+from . import catalog, metrics
 from .events import is_rfc3339
 from .storage import Location, Storage, StorageError, exists, read_bytes, write_atomic
 
@@ -245,5 +244,5 @@ def accept(
         write_atomic(files.manifest, manifest.to_json())
     except OSError as exc:
         raise JobError(f"output: cannot write to {out.uri}: {exc}") from None
-    metrics.batch_job("accepted")
+    metrics.job("accepted")
     return manifest, files, out

@@ -22,9 +22,9 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from predictors import metrics
 from predictors.errors import NotReady, Overloaded
 
+from . import metrics
 from .batch import JobFiles, Line, Manifest, error_record, job_key, parse_line, split_lines
 from .executor import Executor
 from .storage import exists, listdir, read_bytes, write_atomic
@@ -87,12 +87,12 @@ async def run_chunk(executor: Executor, files: JobFiles, manifest: Manifest, ind
     try:
         wrote = await _run_chunk(executor, files, manifest, index)
     except (NotReady, Overloaded):
-        metrics.batch_chunk("retried")
+        metrics.chunk("retried")
         raise
     except Exception:
-        metrics.batch_chunk("failed")
+        metrics.chunk("failed")
         raise
-    metrics.batch_chunk("completed" if wrote else "skipped")
+    metrics.chunk("completed" if wrote else "skipped")
     return wrote
 
 
@@ -171,5 +171,5 @@ def complete(files: JobFiles, manifest: Manifest) -> Completion | None:
         event_id=completed_event_id(manifest),
     )
     write_atomic(files.result, json.dumps(asdict(completion)).encode())
-    metrics.batch_job("completed")
+    metrics.job("completed")
     return completion

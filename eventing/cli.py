@@ -41,19 +41,21 @@ def add_parsers(subparsers: Any) -> None:
     submit.add_argument("url")
     submit.add_argument("--input", required=True, help="JSONL file path or URI the server can read")
     submit.add_argument("--output", required=True, help="output directory URI (results in OUTPUT/JOB_ID/)")
-    submit.add_argument("--job-id", default=None, help="job id (default: a new random one)")
-    submit.add_argument("--chunk-size", type=int, default=None)
+    submit.add_argument("--job_id", default=None, help="job id (default: a new random one)")
+    submit.add_argument(
+        "--chunk_size", type=int, default=None, help="lines per chunk (default: the server's)"
+    )
     submit.add_argument("--deadline", default=None, help="RFC 3339 time; lines not started by then fail")
     submit.add_argument("--inline", action="store_true", help="send the file's lines in the event itself")
     submit.add_argument(
-        "--prefix", default=DEFAULT_PREFIX, help=f"event type prefix (default {DEFAULT_PREFIX})"
+        "--events_prefix", default=DEFAULT_PREFIX, help=f"event type prefix (default {DEFAULT_PREFIX})"
     )
     _common(submit)
     submit.set_defaults(func=submit_command)
 
     status = sub.add_parser("status", help="print a job's progress and counts from its output URI")
     status.add_argument("output", help="the job's output directory URI")
-    status.add_argument("--job-id", required=True)
+    status.add_argument("--job_id", required=True)
     status.set_defaults(func=status_command)
 
 
@@ -118,7 +120,7 @@ def submit_command(args: argparse.Namespace) -> int:
         data["chunk_size"] = args.chunk_size
     if args.deadline:
         data["deadline"] = args.deadline
-    event = make_event(f"{args.prefix}.batch.submitted", args.source, data, id_=args.id, subject=job_id,
+    event = make_event(f"{args.events_prefix}.batch.submitted", args.source, data, id_=args.id, subject=job_id,
                        extensions=_extensions(args, []))  # fmt: skip
     print(f"job_id: {job_id}", file=sys.stderr)
     return _post(args.url, event, binary=True, timeout=args.timeout)

@@ -53,15 +53,15 @@ class Event:
 
     @property
     def id(self) -> str:
-        return self.attributes["id"]
+        return str(self.attributes["id"])
 
     @property
     def source(self) -> str:
-        return self.attributes["source"]
+        return str(self.attributes["source"])
 
     @property
     def type(self) -> str:
-        return self.attributes["type"]
+        return str(self.attributes["type"])
 
     @property
     def subject(self) -> str | None:
@@ -244,4 +244,5 @@ def encode(event: CloudEvent, *, binary: bool = False) -> tuple[dict[str, str], 
 
 def to_json(event: CloudEvent) -> dict[str, Any]:
     """The structured-mode JSON object of ``event``."""
-    return json.loads(to_structured(event)[1])
+    obj: dict[str, Any] = json.loads(to_structured(event)[1])
+    return obj

@@ -15,24 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from predictors import metrics
-from predictors.errors import EvllmError, NotReady, Overloaded
+from predictors import metrics as server_metrics
+from predictors.errors import EvllmError, NotReady, Overloaded, from_openai
 
+from . import metrics
 from .batch import Line, error_record, success_record
-from .config import BATCH_PRIORITY, DEFAULT_MAX_INFLIGHT, DEFAULT_ONLINE_INFLIGHT
-
-
-class DataPlaneLike(Protocol):
-    model_name: str
-    online_changed: asyncio.Event
-
-    @property
-    def online_load(self) -> int: ...
-
-    async def openai_call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]: ...
+from .config import BATCH_PRIORITY
+from .dataplane import DataPlaneView
 
 
 class AdaptiveLimit:
@@ -42,8 +34,8 @@ class AdaptiveLimit:
         self,
         load: Callable[[], int],
         *,
-        low: int = DEFAULT_ONLINE_INFLIGHT,
-        high: int = DEFAULT_MAX_INFLIGHT,
+        low: int,
+        high: int,
         ramp_interval: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -64,7 +56,7 @@ class AdaptiveLimit:
             return self.low
         idle = self.clock() - self._idle_since
         steps = int(idle / self.ramp_interval) if idle != float("inf") else 64
-        return min(self.high, self.low * 2 ** min(steps, 32))
+        return int(min(self.high, self.low * 2 ** min(steps, 32)))
 
 
 class Executor:
@@ -72,10 +64,10 @@ class Executor:
 
     def __init__(
         self,
-        dataplane: DataPlaneLike,
+        dataplane: DataPlaneView,
         *,
-        low: int = DEFAULT_ONLINE_INFLIGHT,
-        high: int = DEFAULT_MAX_INFLIGHT,
+        low: int,
+        high: int,
         ramp_interval: float = 0.25,
     ):
         self.dataplane = dataplane
@@ -83,7 +75,6 @@ class Executor:
             lambda: dataplane.online_load, low=low, high=high, ramp_interval=ramp_interval
         )
         self.inflight = 0
-        self.peak = 0
         self._cond: asyncio.Condition | None = None
         self._watcher: asyncio.Task[None] | None = None
 
@@ -100,7 +91,7 @@ class Executor:
             await event.wait()
             event.clear()
             self.limit.observe()
-            metrics.batch_inflight(self.inflight, self.limit.current())
+            metrics.inflight(self.inflight, self.limit.current())
             assert self._cond is not None
             async with self._cond:
                 self._cond.notify_all()
@@ -119,19 +110,18 @@ class Executor:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(cond.wait(), self.limit.ramp_interval)
             self.inflight += 1
-            self.peak = max(self.peak, self.inflight)
-            metrics.batch_inflight(self.inflight, self.limit.current())
+            metrics.inflight(self.inflight, self.limit.current())
 
     async def _release(self) -> None:
         cond = self._condition()
         async with cond:
             self.inflight -= 1
-            metrics.batch_inflight(self.inflight, self.limit.current())
+            metrics.inflight(self.inflight, self.limit.current())
             # One slot freed, one waiter woken: the waiters are chunk feeders, not every pending line.
             cond.notify(1)
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> Any:
+    async def slot(self) -> AsyncIterator[None]:
         await self._acquire()
         try:
             yield
@@ -141,36 +131,38 @@ class Executor:
     async def run_line(self, key: str, line: Line) -> dict[str, Any]:
         """One line -> its output record. Engine-not-ready propagates (the chunk is retried whole)."""
         if line.error is not None:
-            metrics.batch_line("failed")  # never reaches the engine, so openai_call does not count it
+            metrics.line("failed")
             return error_record(key, line, line.error, "invalid_request")
         async with self.slot():
             return await self._call(key, line)
 
     async def _call(self, key: str, line: Line) -> dict[str, Any]:
         assert line.url is not None and line.body is not None
+        token = server_metrics.PROTOCOL.set(metrics.BATCH_PROTOCOL)
         try:
             status, body = await self.dataplane.openai_call(line.url, line.body, priority=BATCH_PRIORITY)
         except (NotReady, Overloaded):
             raise  # not the line's fault: the whole chunk is retried
         except EvllmError as exc:
+            metrics.line("failed")
             return error_record(key, line, exc.message, type(exc).__name__, int(exc.status))
         except Exception as exc:
             # One poison line must not fail its chunk forever (redelivered until the dead-letter
             # sink, job never completes): unless the engine itself is down, it is that line's error.
-            if not getattr(self.dataplane, "ready", True):
+            if not self.dataplane.ready:
                 raise NotReady("engine is not ready") from exc
-            client_error = any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__)
-            code, status = ("invalid_request", 400) if client_error else ("internal_error", 500)
-            return error_record(key, line, str(exc) or type(exc).__name__, code, status)
+            metrics.line("failed")
+            return error_record(key, line, str(exc) or type(exc).__name__, "internal_error", 500)
+        finally:
+            server_metrics.PROTOCOL.reset(token)
         if status == 200:
+            metrics.line("succeeded")
             return success_record(key, line, status, body)
-        err = body.get("error") if isinstance(body, dict) else None
-        message = err.get("message", str(err)) if isinstance(err, dict) else str(body)
-        if status == 503:
-            raise NotReady(f"engine not ready: {message}")
-        if status == 429:
-            raise Overloaded(f"engine overloaded: {message}")
-        return error_record(key, line, message, f"http_{status}", status, body)
+        error = from_openai(status, body)
+        if isinstance(error, (NotReady, Overloaded)):
+            raise error  # the whole chunk is retried
+        metrics.line("failed")
+        return error_record(key, line, error.message, f"http_{status}", status, body)
 
     async def run_lines(self, key: str, lines: list[Line]) -> list[dict[str, Any]]:
         """Run a chunk's lines. One feeder takes a slot before starting each line, so thousands of

@@ -1,7 +1,7 @@
 """What each consumed event type does; transport-free (routes.py does the HTTP).
 
-Reply contract (Knative): 200 + event = a reply published back to the broker; 202 = done, no reply;
-400 = client error, not retried (goes to the deadLetterSink); 429/503 = retried with backoff.
+Reply contract (Knative): 200 + event = a reply published back to the broker; 400 = client error, not
+retried (goes to the deadLetterSink); 429/503 = retried with backoff.
 """
 
 from __future__ import annotations
@@ -10,18 +10,19 @@ import asyncio
 import collections
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cloudevents.http import CloudEvent
 
-from predictors import metrics
 from predictors.errors import NotReady, Overloaded
 
-from . import catalog
+from . import catalog, metrics
 from .batch import JobError, JobFiles, Manifest, accept, job_key, parse_job
 from .chunk import chunks_done, complete, partial_counts, run_chunk
 from .config import EventingConfig
+from .dataplane import DataPlaneView
 from .events import BadEvent, Event, make_event
 from .executor import Executor
 from .inference import infer
@@ -37,7 +38,7 @@ DEDUP_SIZE = 1024  # recent inference replies kept for redeliveries (same source
 @dataclass
 class Reply:
     status: int
-    event: CloudEvent | None = None
+    event: CloudEvent
 
 
 def _digest(*parts: str) -> str:
@@ -45,11 +46,11 @@ def _digest(*parts: str) -> str:
 
 
 class Handlers:
-    def __init__(self, dataplane: Any, config: EventingConfig, *, sink: Sink | None = None):
+    def __init__(self, dataplane: DataPlaneView, config: EventingConfig, *, sink: Sink | None = None):
         self.dataplane = dataplane
         self.config = config
-        self.storage = Storage(config.storage_roots)
-        self.executor = Executor(dataplane, low=config.online_inflight, high=config.max_inflight)
+        self.storage = Storage(config.roots)
+        self.executor = Executor(dataplane, low=config.batch_online_inflight, high=config.batch_max_inflight)
         self.sink = sink if sink is not None else (Sink(config.sink) if config.sink else None)
         self.source = f"/evllm/models/{dataplane.model_name}"
         self._replies: collections.OrderedDict[tuple[str, str], asyncio.Future[CloudEvent]] = (
@@ -59,7 +60,7 @@ class Handlers:
 
     # Dispatch --------------------------------------------------------------------------------------
     async def handle(self, event: Event) -> Reply:
-        prefix = self.config.prefix + "."
+        prefix = self.config.events_prefix + "."
         name = event.type[len(prefix) :] if event.type.startswith(prefix) else None
         if name not in catalog.CONSUMED:
             accepted = ", ".join(self.config.type(n) for n in catalog.CONSUMED)
@@ -95,7 +96,7 @@ class Handlers:
         )
 
     # Inference -------------------------------------------------------------------------------------
-    async def _dedup(self, event: Event, compute: Any) -> CloudEvent:
+    async def _dedup(self, event: Event, compute: Callable[[Event], Awaitable[CloudEvent]]) -> CloudEvent:
         """A redelivered event (same source + id) gets the same reply without running the engine again."""
         key = (event.source, event.id)
         fut = self._replies.get(key)
@@ -132,7 +133,7 @@ class Handlers:
     # Batch -----------------------------------------------------------------------------------------
     def _failed(self, event: Event, job_id: Any, message: str) -> Reply:
         logger.info("batch job %s failed: %s", job_id, message)
-        metrics.batch_job("failed")
+        metrics.job("failed")
         data = {"job_id": job_id if isinstance(job_id, str) else None, "error": message}
         ext = {"jobid": job_id} if isinstance(job_id, str) else {}
         return Reply(
@@ -169,8 +170,10 @@ class Handlers:
         data = event.data
         job_id = data.get("job_id") if isinstance(data, dict) else None
         try:
-            req = parse_job(data, self.config.chunk_size)
-            manifest, files, _ = await asyncio.to_thread(accept, self.storage, req, self._max_lines())
+            req = parse_job(data, self.config.batch_chunk_size)
+            manifest, files, _ = await asyncio.to_thread(
+                accept, self.storage, req, self.config.max_batch_lines
+            )
         except JobError as exc:
             return self._failed(event, job_id, exc.message)
         key = job_key(manifest.output, manifest.job_id)
@@ -187,10 +190,6 @@ class Handlers:
             task.add_done_callback(lambda _: self._local_jobs.pop(key, None))
         progress = await asyncio.to_thread(self._progress, manifest, files, f"batch-{key}-accepted")
         return Reply(200, progress)
-
-    def _max_lines(self) -> int | None:
-        limits = getattr(self.dataplane, "limits", None)
-        return getattr(limits, "max_batch_lines", None)
 
     def _chunk_event(self, manifest: Manifest, index: int) -> CloudEvent:
         key = job_key(manifest.output, manifest.job_id)

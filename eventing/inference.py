@@ -7,39 +7,29 @@ not retry it and hands the event to the Trigger's deadLetterSink. Engine not rea
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
-from predictors.errors import EvllmError, InvalidInput, NotReady, Overloaded
+from predictors.errors import InvalidInput, from_openai
 from predictors.sampling import DEFAULT_MAX_TOKENS, parse_parameters
 
 from . import catalog
+from .dataplane import DataPlaneView
 
 
 class BadData(InvalidInput):
     """The event's data does not fit its type's schema."""
 
 
-async def infer(dataplane: Any, data: Any, request_id: str) -> dict[str, Any]:
+async def infer(dataplane: DataPlaneView, data: Any, request_id: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadData("inference.request data must be a JSON object with text_input or messages")
     if ("text_input" in data) == ("messages" in data):
         raise BadData("inference.request data needs exactly one of text_input or messages")
     catalog.check("inference.request", data, BadData)
-    params = parse_parameters(data.get("parameters"), error=BadData)
+    params = parse_parameters(data.get("parameters"))
     with dataplane.online():
         if "text_input" in data:
-            try:
-                gen = await dataplane.generate(
-                    data["text_input"], params, request_id=request_id, error=BadData
-                )
-            except Exception as exc:
-                # vLLM's own request validation (e.g. max_tokens beyond the context) is the client's error;
-                # matched by class name so this module does not import vllm.
-                if any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__):
-                    raise BadData(str(exc)) from None
-                raise
+            gen = await dataplane.generate(data["text_input"], params, request_id=request_id)
             out: dict[str, Any] = {
                 "model_name": dataplane.model_name,
                 "text_output": gen.text,
@@ -54,10 +44,9 @@ async def infer(dataplane: Any, data: Any, request_id: str) -> dict[str, Any]:
                 "max_tokens": DEFAULT_MAX_TOKENS,
                 **params.model_dump(exclude_none=True),
             }
-            with _client_errors():
-                status, result = await dataplane.openai_call("/v1/chat/completions", body)
+            status, result = await dataplane.openai_call("/v1/chat/completions", body)
             if status != 200:
-                raise _openai_error(status, result)
+                raise from_openai(status, result)
             choice = result["choices"][0]
             usage = result.get("usage") or {}
             out = {
@@ -73,27 +62,3 @@ async def infer(dataplane: Any, data: Any, request_id: str) -> dict[str, Any]:
     if "id" in data:
         out["id"] = data["id"]
     return out
-
-
-@contextlib.contextmanager
-def _client_errors() -> Iterator[None]:
-    """vLLM's own request validation (e.g. max_tokens beyond the context) is the client's error; matched
-    by class name so this module does not import vllm."""
-    try:
-        yield
-    except Exception as exc:
-        if any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__):
-            raise BadData(str(exc)) from None
-        raise
-
-
-def _openai_error(status: int, body: dict[str, Any]) -> EvllmError:
-    err = body.get("error") if isinstance(body, dict) else None
-    message = err.get("message", str(err)) if isinstance(err, dict) else str(body)
-    if status == 503:
-        return NotReady(message)
-    if status == 429:
-        return Overloaded(message)
-    if 400 <= status < 500:
-        return BadData(message)
-    return EvllmError(message)

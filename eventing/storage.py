@@ -85,7 +85,7 @@ class Storage:
 def read_bytes(loc: Location) -> bytes:
     try:
         with loc.fs.open(loc.path, "rb") as fh:
-            return fh.read()
+            return bytes(fh.read())
     except FileNotFoundError:
         raise StorageError(f"{loc.uri} does not exist") from None
     except (OSError, ValueError) as exc:

@@ -1,4 +1,4 @@
-"""Offline validation of Kubernetes objects against the CRD schemas vendored in ``predictors/crds``.
+"""Offline validation of Kubernetes objects against the CRD schemas vendored in ``inferenceservices/crds``.
 
 Three checks, so a manifest that passes here is one the API server would accept *as written*:
 

@@ -2,193 +2,108 @@
 
     evllm render llm hf://Qwen/Qwen2.5-7B-Instruct --gpus 1 | kubectl apply -f -
 
-The objects mirror ``inferenceservices/`` (same annotations, scaling and sizing rules; tests keep the
-two in step) and are checked against the vendored CRD schemas before anything is printed, so a bad
-knob is a one-line error with exit code 2, never a half-applied manifest.
+Nothing is typed twice: the objects are the shipped manifests, built as ``kubectl kustomize`` builds them
+(``overlays/cpu-dev`` for ``--gpus 0``, ``overlays/gpu-1x`` otherwise, plus gpu-4x's ``/dev/shm`` and
+per-GPU sizing above one GPU; ``eventing/knative/triggers.yaml`` for ``--triggers``), and each flag patches
+only the knob it names: a flag left out keeps the shipped value. The result is checked against the vendored
+CRD schemas before anything is printed, so a bad knob is a one-line error with exit code 2, never a
+half-applied manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import re
 import sys
+from functools import cache
 from typing import Any
 
 import yaml
 
-from .manifests import DNS1123_LABEL, ManifestError, dns1035_error, validate_all
+from . import inputs, kustomize
+from .inputs import RenderError
+from .manifests import ManifestError, validate_all
 
-IMAGE = "ghcr.io/evllm/evllm"
-IMAGE_VERSION = "0.1.0"  # the package version: the GPU image tag, and "<version>-cpu" for the CPU one
-RUNTIME_NAME = "evllm"
+CPU_OVERLAY = "overlays/cpu-dev"
+GPU_OVERLAY = "overlays/gpu-1x"
+MULTI_GPU_OVERLAY = "overlays/gpu-4x"  # /dev/shm for NCCL, and the per-GPU share of CPU and memory
+TRIGGERS = ("eventing", "knative/triggers.yaml")
+SHIPPED_EVENTS_PREFIX = "dev.evllm"  # the type prefix in triggers.yaml: eventing's default --events_prefix
+GPU_RESOURCE = "nvidia.com/gpu"
 EXIT_USAGE = 2
-
-SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")  # what KServe's CRD accepts
-STORAGE_SCHEMES = ("hf", "s3", "gs", "pvc", "oci", "http", "https")  # KServe storage initializer
-EVENT_TYPES = ("inference.request", "batch.submitted", "batch.chunk")
-_EVENT_PREFIX = re.compile(r"^[a-z0-9]+([.-][a-z0-9]+)*$")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_STORAGE_URI = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<rest>.*)$")
-
-# Start-up knobs shared with inferenceservices/base (see the comments there for why each value).
-ANNOTATIONS = {
-    "serving.kserve.io/deploymentMode": "Knative",
-    "autoscaling.knative.dev/initial-scale": "1",
-    "autoscaling.knative.dev/scale-down-delay": "5m",
-    "autoscaling.knative.dev/scale-to-zero-pod-retention-period": "10m",
-}
+DESCRIPTION = (
+    "Print a ready, validated InferenceService (and optionally its Triggers) as YAML. Flags left out keep "
+    "the shipped values: the overlay's (cpu-dev for --gpus 0, gpu-1x otherwise) and "
+    "eventing/knative/triggers.yaml's."
+)
+_AMOUNT = re.compile(r"^(?P<number>[0-9]+)(?P<unit>[A-Za-z]*)$")
 
 
-class RenderError(ValueError):
-    """Bad render input: the message is the one line the user sees."""
+@cache
+def _built(directory: str) -> tuple[dict[str, Any], ...]:
+    return tuple(kustomize.build(directory))
 
 
-def _sizing(gpus: int) -> dict[str, Any]:
-    """Per-replica defaults: GPU sizing scales with the count (1 GPU: 8 CPU / 32Gi; 4: 16 / 64Gi)."""
-    if gpus == 0:
-        return {"cpu": "4", "memory": "12Gi", "scale_target": 2, "container_concurrency": 4}
-    return {
-        "cpu": str(max(8, 4 * gpus)),
-        "memory": f"{max(32, 16 * gpus)}Gi",
-        "scale_target": 32,
-        "container_concurrency": 64,
-    }
-
-
-def _check_storage_uri(uri: str) -> None:
-    match = _STORAGE_URI.match(uri)
-    if not match:
-        raise RenderError(f"storage URI {uri!r} has no scheme: use one of {', '.join(STORAGE_SCHEMES)}")
-    scheme, rest = match["scheme"], match["rest"]
-    if scheme not in STORAGE_SCHEMES:
-        raise RenderError(
-            f"storage URI scheme {scheme!r} is not supported: use one of {', '.join(STORAGE_SCHEMES)}"
-        )
-    parts = [p for p in rest.split("/") if p]
-    if scheme in ("hf", "pvc") and len(parts) < 2:
-        shape = "hf://<org>/<model>" if scheme == "hf" else "pvc://<claim>/<path>"
-        raise RenderError(f"storage URI {uri!r} must look like {shape}")
-    if not parts:
-        raise RenderError(f"storage URI {uri!r} names no location")
-
-
-def _check_inputs(
-    *,
-    name: str,
-    storage_uri: str,
-    gpus: int,
-    min_replicas: int,
-    max_replicas: int,
-    scale_metric: str,
-    scale_target: int,
-    container_concurrency: int,
-    timeout: int,
-    namespace: str | None,
-    triggers: bool,
-    broker: str,
-    events_prefix: str,
-    retry: int,
-    max_model_len: int | None,
-    engine_args: list[str],
-) -> None:
-    err = dns1035_error(name)
-    if err:
-        raise RenderError(f"invalid name: {err}")
-    _check_storage_uri(storage_uri)
-    if gpus < 0:
-        raise RenderError(f"--gpus must be 0 (CPU) or more, got {gpus}")
-    if min_replicas < 0:
-        raise RenderError(f"--min-replicas must be 0 or more, got {min_replicas}")
-    if max_replicas < 1:
-        raise RenderError(f"--max-replicas must be at least 1, got {max_replicas}")
-    if min_replicas > max_replicas:
-        raise RenderError(f"--min-replicas ({min_replicas}) is greater than --max-replicas ({max_replicas})")
-    if scale_metric not in SCALE_METRICS:
-        raise RenderError(f"unknown scale metric {scale_metric!r}: use one of {', '.join(SCALE_METRICS)}")
-    if scale_metric in ("cpu", "memory") and min_replicas == 0:
-        raise RenderError(
-            f"scale metric {scale_metric!r} uses the HPA autoscaler, which cannot scale to zero: "
-            "use concurrency or rps, or --min-replicas 1"
-        )
-    if scale_target < 1:
-        raise RenderError(f"--scale-target must be at least 1, got {scale_target}")
-    if container_concurrency < 0:
-        raise RenderError(
-            f"--container-concurrency must be 0 (unlimited) or more, got {container_concurrency}"
-        )
-    if timeout < 1:
-        raise RenderError(f"--timeout must be at least 1 second, got {timeout}")
-    if max_model_len is not None and max_model_len < 1:
-        raise RenderError(f"--max-model-len must be at least 1, got {max_model_len}")
-    for arg in engine_args:
-        if not arg.startswith("--"):
-            raise RenderError(
-                f"engine flag {arg!r} must start with '--' (e.g. --engine-arg=--quantization=awq)"
-            )
-    if namespace is not None and not (len(namespace) <= 63 and DNS1123_LABEL.match(namespace)):
-        raise RenderError(f"invalid namespace {namespace!r}: must be a DNS-1123 label")
-    if triggers:
-        if not (len(broker) <= 63 and DNS1123_LABEL.match(broker)):
-            raise RenderError(f"invalid broker name {broker!r}: must be a DNS-1123 label")
-        if not _EVENT_PREFIX.match(events_prefix):
-            raise RenderError(
-                f"invalid events prefix {events_prefix!r}: use dotted lower-case words, e.g. dev.evllm"
-            )
-        longest = max(len(_trigger_name(name, t)) for t in EVENT_TYPES)
-        if longest > 63:
-            raise RenderError(
-                f"name {name!r} is too long for its Trigger names (max 63 characters, got {longest})"
-            )
-        if retry < 0:
-            raise RenderError(f"--retry must be 0 or more, got {retry}")
-
-
-def _trigger_name(name: str, event_type: str) -> str:
-    return f"{name}-{event_type.replace('.', '-')}"
+def _shipped(directory: str, kind: str) -> dict[str, Any]:
+    """A fresh copy of the one ``kind`` object that ``directory`` builds."""
+    (obj,) = [o for o in _built(directory) if o["kind"] == kind]
+    return copy.deepcopy(obj)
 
 
 def cluster_serving_runtime() -> dict[str, Any]:
-    """The ``evllm`` ClusterServingRuntime, identical to inferenceservices/base/clusterservingruntime.yaml."""
+    """The ``evllm`` ClusterServingRuntime, as inferenceservices/base builds it."""
+    return _shipped("base", "ClusterServingRuntime")
 
-    def probe(path: str, **timing: int) -> dict[str, Any]:
-        return {"httpGet": {"path": path, "port": 8080}, **timing}
 
+def __getattr__(name: str) -> str:
+    """``IMAGE`` and ``IMAGE_VERSION``: the runtime image's repository and tag, read on first use (the
+    evllm CLI imports this module on every command, so nothing is read at import)."""
+    reference: str = cluster_serving_runtime()["spec"]["containers"][0]["image"]
+    image, _, version = reference.rpartition(":")
+    if name == "IMAGE":
+        return image
+    if name == "IMAGE_VERSION":
+        return version
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _flag_name(arg: str) -> str:
+    return arg.partition("=")[0]
+
+
+def _with_flag(args: list[str], arg: str) -> list[str]:
+    """``args`` with ``arg`` (``--key=value``) in place of the same flag, or appended if it is not there."""
+    names = [_flag_name(a) for a in args]
+    if _flag_name(arg) in names:
+        return [arg if name == _flag_name(arg) else a for a, name in zip(args, names, strict=True)]
+    return [*args, arg]
+
+
+def _scaled(floor: str, share: str, share_gpus: int, gpus: int) -> str:
+    """``share`` (an amount for ``share_gpus`` GPUs) scaled to ``gpus``, rounded up, never below ``floor``."""
+    low, per = _AMOUNT.match(floor), _AMOUNT.match(share)
+    if not (low and per and low["unit"] == per["unit"]):
+        raise ValueError(f"cannot scale the shipped amounts {floor!r} and {share!r}: use one integer unit")
+    number = max(int(low["number"]), math.ceil(int(per["number"]) * gpus / share_gpus))
+    return f"{number}{per['unit']}"
+
+
+def _amounts(gpus: int) -> dict[str, str]:
+    """Per-replica resources: cpu-dev's or gpu-1x's; above one GPU, gpu-4x's per-GPU share times the
+    count, never below gpu-1x's (host RAM for the tokenizer, buffers and page cache does not shrink)."""
+    one = _shipped(GPU_OVERLAY if gpus else CPU_OVERLAY, "InferenceService")
+    amounts: dict[str, str] = one["spec"]["predictor"]["model"]["resources"]["limits"]
+    if gpus <= 1:
+        return amounts
+    many = _shipped(MULTI_GPU_OVERLAY, "InferenceService")["spec"]["predictor"]["model"]["resources"][
+        "limits"
+    ]
+    share_gpus = int(many[GPU_RESOURCE])
     return {
-        "apiVersion": "serving.kserve.io/v1alpha1",
-        "kind": "ClusterServingRuntime",
-        "metadata": {"name": RUNTIME_NAME, "labels": {"app.kubernetes.io/part-of": "evllm"}},
-        "spec": {
-            "annotations": {"prometheus.kserve.io/port": "8080", "prometheus.kserve.io/path": "/metrics"},
-            "supportedModelFormats": [
-                {"name": "huggingface", "version": "1", "autoSelect": True, "priority": 2},
-                {"name": "vllm", "autoSelect": True, "priority": 1},
-            ],
-            "protocolVersions": ["v2", "v1"],
-            "containers": [
-                {
-                    "name": "kserve-container",
-                    "image": f"{IMAGE}:{IMAGE_VERSION}",
-                    "command": ["python", "-m", "predictors"],
-                    "args": ["--model_name={{.Name}}", "--model_dir=/mnt/models", "--http_port=8080"],
-                    "env": [
-                        {"name": "HF_HOME", "value": "/tmp/hf-home"},
-                        {"name": "VLLM_CACHE_ROOT", "value": "/tmp/vllm-cache"},
-                    ],
-                    "ports": [{"containerPort": 8080, "name": "http1", "protocol": "TCP"}],
-                    "readinessProbe": probe(
-                        "/v2/models/{{.Name}}/ready", periodSeconds=5, failureThreshold=3
-                    ),
-                    "livenessProbe": probe(
-                        "/v2/health/live",
-                        initialDelaySeconds=30,
-                        periodSeconds=30,
-                        timeoutSeconds=10,
-                        failureThreshold=10,
-                    ),
-                    "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "8Gi"}},
-                }
-            ],
-        },
+        key: str(gpus) if key == GPU_RESOURCE else _scaled(value, many[key], share_gpus, gpus)
+        for key, value in amounts.items()
     }
 
 
@@ -197,59 +112,50 @@ def inference_service(
     storage_uri: str,
     *,
     gpus: int,
-    min_replicas: int,
-    max_replicas: int,
-    scale_metric: str,
-    scale_target: int,
-    container_concurrency: int,
-    timeout: int,
-    max_model_len: int | None,
     engine_args: list[str],
-    cpu: str,
-    memory: str,
-    progress_deadline: str,
+    cpu: str | None,
+    memory: str | None,
+    max_model_len: int | None,
+    progress_deadline: str | None,
+    predictor: dict[str, int | str | None],
 ) -> dict[str, Any]:
+    """The overlay's InferenceService with the given knobs patched in (``None``: keep the overlay's).
+
+    ``predictor`` holds spec.predictor's scalar fields (minReplicas, scaleTarget, timeout, ...).
+    """
+    isvc = _shipped(GPU_OVERLAY if gpus else CPU_OVERLAY, "InferenceService")
+    isvc["metadata"]["name"] = name  # also the served model name: --model_name={{.Name}} in the runtime
+    if progress_deadline is not None:
+        isvc["metadata"]["annotations"]["serving.knative.dev/progress-deadline"] = progress_deadline
+    spec = isvc["spec"]["predictor"]
+    spec.update({key: value for key, value in predictor.items() if value is not None})
+    model = spec["model"]
+    model["storageUri"] = storage_uri
     if gpus:
-        args = ["--dtype=auto", f"--max-model-len={max_model_len or 8192}", "--gpu-memory-utilization=0.90"]
-        args += ["--enable-prefix-caching", f"--tensor-parallel-size={gpus}"]
-        amounts = {"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)}
-    else:
-        args = ["--dtype=float32", f"--max-model-len={max_model_len or 2048}"]
-        amounts = {"cpu": cpu, "memory": memory}
-    model: dict[str, Any] = {
-        "modelFormat": {"name": "huggingface"},
-        "runtime": RUNTIME_NAME,
-        "storageUri": storage_uri,
-        "args": args + list(engine_args),
-        # Requests == limits: Guaranteed QoS, and GPU counts must match anyway.
-        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
-    }
-    predictor: dict[str, Any] = {
-        "minReplicas": min_replicas,
-        "maxReplicas": max_replicas,
-        "scaleMetric": scale_metric,
-        "scaleTarget": scale_target,
-        "containerConcurrency": container_concurrency,
-        "timeout": timeout,
-        "model": model,
-    }
-    if gpus == 0:
-        model["runtimeVersion"] = f"{IMAGE_VERSION}-cpu"  # KServe swaps the runtime image tag for this
-        model["env"] = [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "4"}]
+        model["args"] = _with_flag(model["args"], f"--tensor-parallel-size={gpus}")
+    if max_model_len is not None:
+        model["args"] = _with_flag(model["args"], f"--max-model-len={max_model_len}")
+    shipped = {_flag_name(a) for a in model["args"]}
+    for arg in engine_args:  # the overlay's own flags are replaced (vLLM would take the last anyway)
+        model["args"] = (
+            _with_flag(model["args"], arg) if _flag_name(arg) in shipped else [*model["args"], arg]
+        )
+    amounts = _amounts(gpus)
+    amounts.update({key: value for key, value in (("cpu", cpu), ("memory", memory)) if value is not None})
+    # Requests == limits: Guaranteed QoS, and GPU counts must match anyway.
+    model["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
     if gpus > 1:  # NCCL between tensor-parallel workers needs more than the default 64 MB /dev/shm
-        model["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
-        predictor["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
-    annotations = {**ANNOTATIONS, "serving.knative.dev/progress-deadline": progress_deadline}
-    return {
-        "apiVersion": "serving.kserve.io/v1beta1",
-        "kind": "InferenceService",
-        "metadata": {
-            "name": name,
-            "labels": {"app.kubernetes.io/part-of": "evllm"},
-            "annotations": annotations,
-        },
-        "spec": {"predictor": predictor},
-    }
+        many = _shipped(MULTI_GPU_OVERLAY, "InferenceService")["spec"]["predictor"]
+        model["volumeMounts"] = many["model"]["volumeMounts"]
+        spec["volumes"] = many["volumes"]
+    return isvc
+
+
+def _event_name(event_type: str) -> str:
+    prefix = f"{SHIPPED_EVENTS_PREFIX}."
+    if not event_type.startswith(prefix):
+        raise ValueError(f"{TRIGGERS[1]}: event type {event_type!r} does not start with {prefix!r}")
+    return event_type.removeprefix(prefix)
 
 
 def _dead_letter_sink(sink: str) -> dict[str, Any]:
@@ -258,135 +164,136 @@ def _dead_letter_sink(sink: str) -> dict[str, Any]:
     return {"ref": {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": sink}}
 
 
-def trigger(
+def triggers_for(
     name: str,
-    event_type: str,
     *,
-    broker: str,
-    events_prefix: str,
     timeout: int,
-    retry: int,
-    backoff_delay: str,
-    dead_letter_sink: str,
-) -> dict[str, Any]:
-    """A Trigger sending ``<prefix>.<event_type>`` events for model ``name`` to the predictor's /events."""
-    return {
-        "apiVersion": "eventing.knative.dev/v1",
-        "kind": "Trigger",
-        "metadata": {
-            "name": _trigger_name(name, event_type),
-            "labels": {"app.kubernetes.io/part-of": "evllm"},
-        },
-        "spec": {
-            "broker": broker,
-            # Exact-match filters: this model's events of this type only (the `model` extension attribute).
-            "filter": {"attributes": {"type": f"{events_prefix}.{event_type}", "model": name}},
-            "subscriber": {
-                "ref": {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "name": name},
-                "uri": "/events",
-            },
-            "delivery": {
-                # 429/503 while overloaded or cold are retried: exponential backoff spaces the retries out.
-                "retry": retry,
-                "backoffPolicy": "exponential",
-                "backoffDelay": backoff_delay,
-                # Per attempt; as long as the InferenceService's own timeout so a cold start can finish.
-                "timeout": f"PT{timeout}S",
-                "deadLetterSink": _dead_letter_sink(dead_letter_sink),
-            },
-        },
-    }
+    broker: str | None,
+    events_prefix: str | None,
+    retry: int | None,
+    backoff_delay: str | None,
+    dead_letter_sink: str | None,
+) -> list[dict[str, Any]]:
+    """eventing/knative/triggers.yaml aimed at InferenceService ``name`` (``None``: keep the shipped value).
+
+    Each Trigger is named ``<name>-<event type>`` and filters on the ``model`` attribute = ``name``.
+    """
+    triggers = kustomize.read_yaml(*TRIGGERS)
+    for trigger in triggers:
+        spec = trigger["spec"]
+        attributes = spec["filter"]["attributes"]
+        event = _event_name(attributes["type"])
+        trigger["metadata"]["name"] = f"{name}-{event.replace('.', '-')}"
+        attributes["model"] = name
+        if events_prefix is not None:
+            attributes["type"] = f"{events_prefix}.{event}"
+        spec["subscriber"]["ref"]["name"] = name
+        if broker is not None:
+            spec["broker"] = broker
+        delivery = spec["delivery"]
+        # Per attempt, always the InferenceService's own timeout: an event that wakes a scaled-to-zero
+        # predictor waits through the cold start, and a shorter attempt would be cut off and retried.
+        delivery["timeout"] = f"PT{timeout}S"
+        if retry is not None:
+            delivery["retry"] = retry
+        if backoff_delay is not None:
+            delivery["backoffDelay"] = backoff_delay
+        if dead_letter_sink is not None:
+            delivery["deadLetterSink"] = _dead_letter_sink(dead_letter_sink)
+    longest = max(len(t["metadata"]["name"]) for t in triggers)
+    if longest > 63:
+        raise RenderError(
+            f"name {name!r} is too long for its Trigger names (max 63 characters, got {longest})"
+        )
+    return triggers
 
 
 def render(
     name: str,
     storage_uri: str,
+    *,
     gpus: int = 0,
-    min_replicas: int = 0,
-    max_replicas: int = 2,
-    scale_metric: str = "concurrency",
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    scale_metric: str | None = None,
     scale_target: int | None = None,
     container_concurrency: int | None = None,
-    timeout: int = 600,
-    triggers: bool = False,
-    broker: str = "default",
-    events_prefix: str = "dev.evllm",
-    *,
-    namespace: str | None = None,
+    timeout: int | None = None,
     max_model_len: int | None = None,
     engine_args: list[str] | None = None,
     cpu: str | None = None,
     memory: str | None = None,
     progress_deadline: str | None = None,
+    namespace: str | None = None,
     with_runtime: bool = False,
-    retry: int = 5,
-    backoff_delay: str = "PT2S",
-    dead_letter_sink: str = "evllm-dead-letter",
+    triggers: bool = False,
+    broker: str | None = None,
+    events_prefix: str | None = None,
+    retry: int | None = None,
+    backoff_delay: str | None = None,
+    dead_letter_sink: str | None = None,
 ) -> list[dict[str, Any]]:
     """The objects for one model, validated; raises RenderError (bad input) or ManifestError (schema).
 
-    ``gpus=0`` renders the CPU image (vllm-cpu); ``gpus=N`` requests N ``nvidia.com/gpu`` and sets
-    ``--tensor-parallel-size=N``. ``scale_target``/``container_concurrency`` default per device.
-    ``dead_letter_sink`` is a URI (contains ``://``) or the name of a Knative Service.
+    Every ``None`` keeps the shipped value. ``gpus=0`` is the cpu-dev overlay (vllm-cpu image); ``gpus=N``
+    is gpu-1x with N ``nvidia.com/gpu`` and ``--tensor-parallel-size=N``. ``dead_letter_sink`` is a URI
+    (contains ``://``) or the name of a Knative Service.
     """
-    sizing = _sizing(max(gpus, 0))
-    scale_target = sizing["scale_target"] if scale_target is None else scale_target
-    container_concurrency = (
-        sizing["container_concurrency"] if container_concurrency is None else container_concurrency
-    )
-    _check_inputs(
-        name=name,
-        storage_uri=storage_uri,
-        gpus=gpus,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        scale_metric=scale_metric,
-        scale_target=scale_target,
-        container_concurrency=container_concurrency,
-        timeout=timeout,
-        namespace=namespace,
-        triggers=triggers,
-        broker=broker,
-        events_prefix=events_prefix,
-        retry=retry,
-        max_model_len=max_model_len,
-        engine_args=list(engine_args or []),
-    )
-    for flag, value in (("--cpu", cpu), ("--memory", memory)):
-        if value is not None and not _QUANTITY.match(value):
-            raise RenderError(f"{flag} {value!r} is not a Kubernetes quantity (e.g. 16, 500m, 64Gi)")
+    engine_args = list(engine_args or [])
+    inputs.check_name(name)
+    inputs.check_storage_uri(storage_uri)
+    inputs.check_at_least("--gpus", gpus, 0, "0 (CPU) or more")
+    inputs.check_at_least("--min-replicas", min_replicas, 0, "0 or more")
+    inputs.check_at_least("--max-replicas", max_replicas, 1, "at least 1")
+    inputs.check_at_least("--scale-target", scale_target, 1, "at least 1")
+    inputs.check_at_least("--container-concurrency", container_concurrency, 0, "0 (unlimited) or more")
+    inputs.check_at_least("--timeout", timeout, 1, "at least 1 second")
+    inputs.check_at_least("--max-model-len", max_model_len, 1, "at least 1")
+    inputs.check_engine_args(engine_args)
+    inputs.check_quantity("--cpu", cpu)
+    inputs.check_quantity("--memory", memory)
+    inputs.check_go_duration("--progress-deadline", progress_deadline)
+    inputs.check_dns1123_label("namespace", namespace, "ml")
     isvc = inference_service(
         name,
         storage_uri,
         gpus=gpus,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        scale_metric=scale_metric,
-        scale_target=scale_target,
-        container_concurrency=container_concurrency,
-        timeout=timeout,
+        engine_args=engine_args,
+        cpu=cpu,
+        memory=memory,
         max_model_len=max_model_len,
-        engine_args=list(engine_args or []),
-        cpu=cpu or sizing["cpu"],
-        memory=memory or sizing["memory"],
-        progress_deadline=progress_deadline or ("30m" if gpus else "10m"),
+        progress_deadline=progress_deadline,
+        predictor={
+            "minReplicas": min_replicas,
+            "maxReplicas": max_replicas,
+            "scaleMetric": scale_metric,
+            "scaleTarget": scale_target,
+            "containerConcurrency": container_concurrency,
+            "timeout": timeout,
+        },
+    )
+    predictor = isvc["spec"]["predictor"]
+    inputs.check_scaling(
+        min_replicas=predictor["minReplicas"],
+        max_replicas=predictor["maxReplicas"],
+        scale_metric=predictor["scaleMetric"],
     )
     objs = [cluster_serving_runtime()] if with_runtime else []
     objs.append(isvc)
     if triggers:
-        objs += [
-            trigger(
-                name,
-                event_type,
-                broker=broker,
-                events_prefix=events_prefix,
-                timeout=timeout,
-                retry=retry,
-                backoff_delay=backoff_delay,
-                dead_letter_sink=dead_letter_sink,
-            )
-            for event_type in EVENT_TYPES
-        ]
+        inputs.check_dns1123_label("broker name", broker, "evllm")
+        inputs.check_events_prefix(events_prefix)
+        inputs.check_at_least("--retry", retry, 0, "0 or more")
+        inputs.check_iso_duration("--backoff-delay", backoff_delay)
+        objs += triggers_for(
+            name,
+            timeout=predictor["timeout"],
+            broker=broker,
+            events_prefix=events_prefix,
+            retry=retry,
+            backoff_delay=backoff_delay,
+            dead_letter_sink=dead_letter_sink,
+        )
     if namespace:
         for obj in objs:
             if obj["kind"] != "ClusterServingRuntime":  # cluster-scoped
@@ -397,27 +304,31 @@ def render(
 
 
 def to_yaml(objs: list[dict[str, Any]]) -> str:
-    return yaml.safe_dump_all(objs, sort_keys=False, default_flow_style=False)
+    text: str = yaml.safe_dump_all(objs, sort_keys=False, default_flow_style=False)
+    return text
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    shipped = "(default: the overlay's)"
     parser.add_argument("name", help="InferenceService name, also the served model name (DNS-1035 label)")
     parser.add_argument(
         "storage_uri", help="where the model is: hf://org/model, s3://..., gs://..., pvc://claim/path"
     )
     parser.add_argument("--gpus", type=int, default=0, help="GPUs per replica; 0 = CPU image (default 0)")
-    parser.add_argument("--min-replicas", type=int, default=0, help="0 = scale to zero (default 0)")
-    parser.add_argument("--max-replicas", type=int, default=2, help="default 2")
-    parser.add_argument("--scale-metric", default="concurrency", help=f"one of {', '.join(SCALE_METRICS)}")
+    parser.add_argument("--min-replicas", type=int, default=None, help=f"0 = scale to zero {shipped}")
+    parser.add_argument("--max-replicas", type=int, default=None, help=f"replica cap {shipped}")
     parser.add_argument(
-        "--scale-target", type=int, default=None, help="per-pod target (default 32 GPU, 2 CPU)"
+        "--scale-metric", default=None, help=f"one of {', '.join(inputs.SCALE_METRICS)} {shipped}"
+    )
+    parser.add_argument("--scale-target", type=int, default=None, help=f"per-pod target {shipped}")
+    parser.add_argument(
+        "--container-concurrency", type=int, default=None, help=f"per-pod hard limit {shipped}"
     )
     parser.add_argument(
-        "--container-concurrency", type=int, default=None, help="per-pod hard limit (default 64 GPU, 4 CPU)"
+        "--timeout", type=int, default=None, help=f"request timeout in seconds, Triggers' too {shipped}"
     )
-    parser.add_argument("--timeout", type=int, default=600, help="request timeout in seconds (default 600)")
     parser.add_argument("--namespace", default=None, help="metadata.namespace (default: kubectl's)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
+    parser.add_argument("--max-model-len", type=int, default=None, help=f"vLLM context length {shipped}")
     parser.add_argument(
         "--engine-arg",
         action="append",
@@ -425,27 +336,30 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FLAG",
         help="extra vLLM engine flag, repeatable; write it with '=': --engine-arg=--quantization=awq",
     )
-    parser.add_argument("--cpu", default=None, help="CPU request = limit per replica")
-    parser.add_argument("--memory", default=None, help="memory request = limit per replica, e.g. 64Gi")
     parser.add_argument(
-        "--progress-deadline", default=None, help="Knative progress deadline (default 30m GPU)"
+        "--cpu", default=None, help="CPU request = limit per replica (default: scales with --gpus)"
     )
+    parser.add_argument(
+        "--memory",
+        default=None,
+        help="memory request = limit per replica, e.g. 64Gi (default: scales with --gpus)",
+    )
+    parser.add_argument("--progress-deadline", default=None, help=f"Knative progress deadline {shipped}")
     parser.add_argument(
         "--with-runtime", action="store_true", help="also print the evllm ClusterServingRuntime"
     )
-    parser.add_argument("--triggers", action="store_true", help="also print Knative Eventing Triggers")
     parser.add_argument(
-        "--broker", default="default", help="Broker the Triggers subscribe to (default 'default')"
+        "--triggers", action="store_true", help="also print the Triggers of eventing/knative/triggers.yaml"
     )
-    parser.add_argument(
-        "--events-prefix", default="dev.evllm", help="CloudEvent type prefix (default dev.evllm)"
-    )
-    parser.add_argument("--retry", type=int, default=5, help="Trigger delivery retries (default 5)")
-    parser.add_argument("--backoff-delay", default="PT2S", help="ISO-8601 first retry delay (default PT2S)")
+    triggers = "(default: triggers.yaml's)"
+    parser.add_argument("--broker", default=None, help=f"Broker the Triggers subscribe to {triggers}")
+    parser.add_argument("--events_prefix", default=None, help=f"CloudEvent type prefix {triggers}")
+    parser.add_argument("--retry", type=int, default=None, help=f"Trigger delivery retries {triggers}")
+    parser.add_argument("--backoff-delay", default=None, help=f"ISO-8601 first retry delay {triggers}")
     parser.add_argument(
         "--dead-letter-sink",
-        default="evllm-dead-letter",
-        help="URI, or name of a Knative Service, for events that exhaust their retries",
+        default=None,
+        help=f"URI, or name of a Knative Service, for events that exhaust their retries {triggers}",
     )
 
 
@@ -454,13 +368,14 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "render",
         help="print a validated InferenceService (and Triggers) as YAML for kubectl apply -f -",
-        description=__doc__.splitlines()[0],
+        description=DESCRIPTION,
     )
     _add_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the objects for ``args`` as YAML (exit 0), or one error line on stderr (exit 2)."""
     try:
         objs = render(
             args.name,
@@ -472,16 +387,16 @@ def run(args: argparse.Namespace) -> int:
             scale_target=args.scale_target,
             container_concurrency=args.container_concurrency,
             timeout=args.timeout,
-            triggers=args.triggers,
-            broker=args.broker,
-            events_prefix=args.events_prefix,
-            namespace=args.namespace,
             max_model_len=args.max_model_len,
             engine_args=args.engine_arg,
             cpu=args.cpu,
             memory=args.memory,
             progress_deadline=args.progress_deadline,
+            namespace=args.namespace,
             with_runtime=args.with_runtime,
+            triggers=args.triggers,
+            broker=args.broker,
+            events_prefix=args.events_prefix,
             retry=args.retry,
             backoff_delay=args.backoff_delay,
             dead_letter_sink=args.dead_letter_sink,
@@ -497,8 +412,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m predictors.render ...``: the same command without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="evllm render", description=__doc__.splitlines()[0])
+    """``python -m inferenceservices.render ...``: the same command without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="evllm render", description=DESCRIPTION)
     _add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 from . import metrics
 from .errors import NotReady, Overloaded
 
-DEFAULT_MAX_CONCURRENT = 128
-DEFAULT_RETRY_AFTER = 1
-
 
 class Admission:
-    def __init__(self, limit: int = DEFAULT_MAX_CONCURRENT, retry_after: int = DEFAULT_RETRY_AFTER):
+    def __init__(self, limit: int, retry_after: int = 1):
         if limit < 1:
             raise ValueError("the admission limit must be at least 1")
         self.limit = limit
@@ -67,20 +63,3 @@ class Admission:
         while self.in_flight > 0:
             self._idle.clear()
             await self._idle.wait()
-
-
-def add_arguments(parser: Any) -> None:
-    group = parser.add_argument_group("admission", "Overload protection per replica")
-    group.add_argument(
-        "--max_concurrent_requests",
-        type=int,
-        default=DEFAULT_MAX_CONCURRENT,
-        help="Requests (POSTs: inference and events, streams until they end) served at once; past it, 429 "
-        f"with Retry-After (default {DEFAULT_MAX_CONCURRENT}).",
-    )
-    group.add_argument(
-        "--retry_after_seconds",
-        type=int,
-        default=DEFAULT_RETRY_AFTER,
-        help=f"Retry-After on 429 answers (default {DEFAULT_RETRY_AFTER}).",
-    )

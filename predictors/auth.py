@@ -12,23 +12,20 @@ Health, readiness and (unless ``--auth_metrics``) ``/metrics`` stay open so kube
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import Unauthorized
+from .settings import SettingsError, setting
 
 logger = logging.getLogger("evllm.auth")
 
-API_KEYS_ENV = "EVLLM_API_KEYS"
-API_KEYS_FILE_ENV = "EVLLM_API_KEYS_FILE"
-DEFAULT_JWT_ALGORITHMS = "RS256,ES256,PS256,EdDSA"
 
 # Probes must work without credentials: liveness, readiness (server and model), KServe's root liveness.
 OPEN_PATHS = re.compile(r"^(/|/v2/health/live|/v2/health/ready|/v2/models/[^/]+/ready|/v1/models/[^/:]+)$")
@@ -67,32 +64,27 @@ def _parse_keys(text: str) -> list[bytes]:
 
 @dataclass
 class AuthConfig:
-    api_keys: list[str] = field(default_factory=list)
-    api_keys_file: str | None = None
-    jwt_jwks_file: str | None = None
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
-    jwt_algorithms: list[str] = field(default_factory=lambda: DEFAULT_JWT_ALGORITHMS.split(","))
-    protect_metrics: bool = False
+    api_keys: list[str] = setting(
+        [], "API keys, comma-separated (environment only: a flag would show in `ps`).", flag=False
+    )
+    api_keys_file: str | None = setting(
+        None, "File with one API key per line (# comments), e.g. a mounted Secret; re-read on change."
+    )
+    jwt_jwks_file: str | None = setting(None, "JWKS file: accept JWT bearer tokens it verifies.")
+    jwt_issuer: str | None = setting(None, "Required JWT issuer (iss).")
+    jwt_audience: str | None = setting(None, "Required JWT audience (aud).")
+    jwt_algorithms: list[str] = setting(
+        ["RS256", "ES256", "PS256", "EdDSA"], "Accepted JWT signature algorithms (never 'none' or HMAC)."
+    )
+    auth_metrics: bool = setting(False, "Require credentials on /metrics too.")
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, environ: dict[str, str] | None = None) -> AuthConfig:
-        env = os.environ if environ is None else environ
-        keys = [k.strip() for k in env.get(API_KEYS_ENV, "").split(",") if k.strip()]
-        algorithms = [a.strip() for a in args.jwt_algorithms.split(",") if a.strip()]
+    def check(self) -> None:
         # Public-key algorithms only: 'none' and HMAC would let a JWKS's public key act as a shared secret.
-        unsafe = [a for a in algorithms if a.lower() == "none" or a.upper().startswith("HS")]
+        unsafe = [a for a in self.jwt_algorithms if a.lower() == "none" or a.upper().startswith("HS")]
         if unsafe:
-            raise ValueError(f"--jwt_algorithms: {', '.join(unsafe)} not allowed (use RS*, ES*, PS*, EdDSA)")
-        return cls(
-            api_keys=keys,
-            api_keys_file=args.api_keys_file or env.get(API_KEYS_FILE_ENV) or None,
-            jwt_jwks_file=args.jwt_jwks_file,
-            jwt_issuer=args.jwt_issuer,
-            jwt_audience=args.jwt_audience,
-            jwt_algorithms=algorithms,
-            protect_metrics=args.auth_metrics,
-        )
+            raise SettingsError(
+                f"--jwt_algorithms: {', '.join(unsafe)} not allowed (use RS*, ES*, PS*, EdDSA)"
+            )
 
 
 class Authenticator:
@@ -102,10 +94,13 @@ class Authenticator:
         self._keys_file = _FileValue(config.api_keys_file, _parse_keys) if config.api_keys_file else None
         self._jwks = _FileValue(config.jwt_jwks_file, _parse_jwks) if config.jwt_jwks_file else None
         # Fail at startup, not on the first request, if a configured file is missing or malformed.
-        if self._keys_file is not None:
-            self._keys_file.get()
-        if self._jwks is not None:
-            self._jwks.get()
+        for flag, value in (("--api_keys_file", self._keys_file), ("--jwt_jwks_file", self._jwks)):
+            if value is None:
+                continue
+            try:
+                value.get()
+            except Exception as exc:  # missing, unreadable or malformed: the operator's to fix
+                raise SettingsError(f"{flag} {value.path}: {exc}") from None
 
     @property
     def enabled(self) -> bool:
@@ -114,7 +109,7 @@ class Authenticator:
     def required(self, path: str) -> bool:
         if not self.enabled or OPEN_PATHS.match(path):
             return False
-        return path != "/metrics" or self.config.protect_metrics
+        return path != "/metrics" or self.config.auth_metrics
 
     def _api_keys(self) -> list[bytes]:
         keys = list(self._static)
@@ -145,9 +140,8 @@ class Authenticator:
             candidates = [k for k in jwks.keys if kid is None or k.key_id == kid]
             if not candidates:
                 return "token signed with an unknown key"
-            options = {"require": ["exp"], "verify_aud": self.config.jwt_audience is not None}
-            if self.config.jwt_issuer is not None:
-                options["require"].append("iss")
+            required = ["exp"] if self.config.jwt_issuer is None else ["exp", "iss"]
+            options: Any = {"require": required, "verify_aud": self.config.jwt_audience is not None}
             last = "invalid token"
             for key in candidates:
                 try:
@@ -201,29 +195,3 @@ def _parse_jwks(text: str) -> Any:
     import jwt
 
     return jwt.PyJWKSet.from_json(text)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "auth",
-        f"Authentication (off unless one is configured). API keys also come from ${API_KEYS_ENV} "
-        "(comma-separated).",
-    )
-    group.add_argument(
-        "--api_keys_file",
-        default=None,
-        help=f"File with one API key per line, e.g. a mounted Secret (also ${API_KEYS_FILE_ENV}).",
-    )
-    group.add_argument(
-        "--jwt_jwks_file", default=None, help="JWKS file: accept JWT bearer tokens it verifies."
-    )
-    group.add_argument("--jwt_issuer", default=None, help="Required JWT issuer (iss).")
-    group.add_argument("--jwt_audience", default=None, help="Required JWT audience (aud).")
-    group.add_argument(
-        "--jwt_algorithms",
-        default=DEFAULT_JWT_ALGORITHMS,
-        help=f"Accepted JWT signature algorithms (default {DEFAULT_JWT_ALGORITHMS}; never 'none' or HMAC).",
-    )
-    group.add_argument(
-        "--auth_metrics", action="store_true", help="Require credentials on /metrics too (default: open)."
-    )

@@ -1,7 +1,9 @@
-"""The one data plane every transport calls: V2 infer, generate(_stream), V1 predict, events, batch.
+"""The one data plane every transport calls: V2 infer, generate(_stream), V1 predict, OpenAI, and
+whatever extensions build on it.
 
 Transports only translate their wire format; prompts, sampling, priority, request ids, and the count of
-online work in flight (which the batch executor backs off from) all live here.
+online work in flight (which background work backs off from) all live here. Client mistakes raise
+`InvalidInput`; each transport decides once what status that is on its wire.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics
 from .engine import Engine
 from .errors import InvalidInput
 from .limits import Limits
@@ -55,10 +56,10 @@ class Delta:
 
 
 class DataPlane:
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: Engine, model_name: str, openai: OpenAIServer | None = None):
         self.engine = engine
         self.model_name = model_name
-        self.openai = OpenAIServer(engine)
+        self.openai = openai if openai is not None else OpenAIServer(engine)
         self._online = 0
         self.online_changed = asyncio.Event()
         self._sampling_defaults: dict[str, Any] | None = None
@@ -101,32 +102,29 @@ class DataPlane:
             self._sampling_defaults = dict(self.engine.client.model_config.get_diff_sampling_param())
         return self._sampling_defaults
 
-    async def _inputs(self, prompts: list[str], max_tokens: int, error: type[InvalidInput]) -> list[Any]:
+    async def _inputs(self, prompts: list[str], max_tokens: int) -> list[Any]:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
-                raise error(f"prompt {i} must be a string")
+                raise InvalidInput(f"prompt {i} must be a string")
             if not p:
-                raise error(f"prompt {i} is empty")
-        try:
-            inputs = await self.engine.render(prompts, max_tokens)
-        except InvalidInput as exc:
-            raise error(exc.message) from None
+                raise InvalidInput(f"prompt {i} is empty")
+        inputs = await self.engine.tokenize(prompts, max_tokens)
         for x in inputs:
             ids = x.get("prompt_token_ids") if isinstance(x, dict) else None
             if isinstance(ids, list):
-                self.limits.check_prompt_tokens(len(ids), error)
+                self.limits.check_prompt_tokens(len(ids))
         return inputs
 
     async def _prepare(
-        self, prompts: list[str], params: GenerateParameters, *, stream: bool, error: type[InvalidInput]
+        self, prompts: list[str], params: GenerateParameters, *, stream: bool
     ) -> tuple[Any, list[Any]]:
         """Every check a generation needs before it reaches the engine: readiness, limits, sampling
-        parameters and tokenization. Raises the protocol's client error."""
+        parameters and tokenization."""
         self.engine.check_ready()
-        self.limits.check_prompts(len(prompts), error)
-        sp = to_sampling_params(params, self._defaults(), stream=stream, error=error)
-        self.limits.apply_max_tokens(sp, params.max_tokens, error)
-        return sp, await self._inputs(prompts, sp.max_tokens or 0, error)
+        self.limits.check_prompts(len(prompts))
+        sp = to_sampling_params(params, self._defaults(), stream=stream)
+        self.limits.apply_max_tokens(sp, params.max_tokens)
+        return sp, await self._inputs(prompts, sp.max_tokens or 0)
 
     async def generate_many(
         self,
@@ -135,10 +133,9 @@ class DataPlane:
         *,
         request_id: str | None = None,
         priority: int = ONLINE_PRIORITY,
-        error: type[InvalidInput] = InvalidInput,
     ) -> list[Generation]:
         """Generate for N prompts concurrently (one engine request each) and return final outputs."""
-        sp, inputs = await self._prepare(prompts, params, stream=False, error=error)
+        sp, inputs = await self._prepare(prompts, params, stream=False)
         rid = request_id or uuid.uuid4().hex
 
         async def one(i: int, engine_input: Any) -> Generation:
@@ -158,11 +155,8 @@ class DataPlane:
         *,
         request_id: str | None = None,
         priority: int = ONLINE_PRIORITY,
-        error: type[InvalidInput] = InvalidInput,
     ) -> Generation:
-        (result,) = await self.generate_many(
-            [prompt], params, request_id=request_id, priority=priority, error=error
-        )
+        (result,) = await self.generate_many([prompt], params, request_id=request_id, priority=priority)
         return result
 
     async def prepare_stream(
@@ -172,10 +166,9 @@ class DataPlane:
         *,
         request_id: str | None = None,
         priority: int = ONLINE_PRIORITY,
-        error: type[InvalidInput] = InvalidInput,
     ) -> AsyncIterator[Delta]:
         """Validate and tokenize now (so errors are a plain 4xx), then return the delta stream."""
-        sp, (engine_input,) = await self._prepare([prompt], params, stream=True, error=error)
+        sp, (engine_input,) = await self._prepare([prompt], params, stream=True)
         rid = request_id or uuid.uuid4().hex
 
         async def stream() -> AsyncIterator[Delta]:
@@ -188,12 +181,8 @@ class DataPlane:
     async def openai_call(
         self, url: str, body: Any, *, priority: int = ONLINE_PRIORITY
     ) -> tuple[int, dict[str, Any]]:
-        """One OpenAI completions/chat request through vLLM's serving classes (batch lines, chat events)."""
+        """One non-streaming OpenAI completions/chat request through vLLM's serving classes, in-process:
+        (HTTP status, response or error body)."""
         self.engine.check_ready()
-        if priority == ONLINE_PRIORITY:
-            return await self.openai.call(url, body, priority=priority)
-        # Below online priority = a batch line: count it by outcome (retried ones raise and are not).
-        status, result = await self.openai.call(url, body, priority=priority)
-        if status not in (429, 503):
-            metrics.batch_line("succeeded" if status == 200 else "failed")
-        return status, result
+        self.limits.check_openai_request(body)
+        return await self.openai.call(url, body, priority=priority)

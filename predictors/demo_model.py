@@ -171,15 +171,14 @@ def write_demo_model(directory: str | os.PathLike[str]) -> Path:
     return out
 
 
-def default_demo_dir() -> Path:
-    """Where `evllm serve` keeps the generated demo model when no model is given."""
-    base = os.environ.get("EVLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "evllm")
-    return Path(base) / f"demo-model-v{DEMO_VERSION}"
+def demo_dir(cache_dir: str | os.PathLike[str]) -> Path:
+    """Where `evllm serve --model_dir demo` keeps the generated demo model (``--cache_dir``)."""
+    return Path(cache_dir) / f"demo-model-v{DEMO_VERSION}"
 
 
-def ensure_demo_model(directory: str | os.PathLike[str] | None = None) -> Path:
+def ensure_demo_model(directory: str | os.PathLike[str]) -> Path:
     """Return a ready demo model directory, generating it once (atomically) if missing."""
-    target = Path(directory) if directory else default_demo_dir()
+    target = Path(directory)
     marker = target / "EVLLM_DEMO_VERSION"
     if marker.exists() and marker.read_text().strip() == DEMO_VERSION:
         return target

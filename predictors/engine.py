@@ -9,16 +9,43 @@ from argparse import Namespace
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .errors import InvalidInput, NotReady
+from . import kv_cache
+from .errors import EngineStartFailed, InvalidInput, NotReady
 
 logger = logging.getLogger("evllm.engine")
+
+# Startup failures -> the flag to change, matched on the first words that identify them.
+_START_HINTS = (
+    (("memory", "kv cache", "kv_cache"), "--kv-cache-memory-bytes (or VLLM_CPU_KVCACHE_SPACE in GiB)"),
+    (("max_model_len", "max-model-len", "context length"), "--max-model-len"),
+    (("config.json", "no such file", "not a valid model", "repo id", "does not exist"), "--model_dir"),
+    (("dtype",), "--dtype"),
+)
+
+
+def explain_start_failure(exc: BaseException) -> str:
+    """One line: what failed and which flag changes it (the engine's traceback stays above it)."""
+    if isinstance(exc, EngineStartFailed):
+        return str(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    low = text.lower()
+    if "engine core initialization failed" in low:
+        return (
+            "the engine process failed during startup (its error is logged above); memory is the usual "
+            "cause on CPU: set --kv-cache-memory-bytes or lower --max-model-len"
+        )
+    for words, flag in _START_HINTS:
+        if any(w in low for w in words):
+            return f"{text[:400]} (change {flag})"
+    return text[:400]
 
 
 class Engine:
     """Owns the AsyncLLM: start, health, and generation with vLLM's errors mapped to ours."""
 
-    def __init__(self, args: Namespace):
+    def __init__(self, args: Namespace, explicit_flags: frozenset[str] = frozenset()):
         self.args = args
+        self.explicit_flags = set(explicit_flags)  # engine flags the user gave (they beat our defaults)
         self.client: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self.supported_tasks: tuple[str, ...] = ()
         self.draining = False
@@ -40,6 +67,7 @@ class Engine:
 
         def build() -> Any:
             vllm_config = engine_args.create_engine_config(usage_context=usage)
+            kv_cache.apply_cpu_default(vllm_config, self.explicit_flags)
             return AsyncLLM.from_vllm_config(
                 vllm_config=vllm_config,
                 usage_context=usage,
@@ -76,7 +104,7 @@ class Engine:
     def max_model_len(self) -> int:
         return int(self.client.model_config.max_model_len)
 
-    async def render(self, texts: list[str], max_tokens: int = 0) -> list[Any]:
+    async def tokenize(self, texts: list[str], max_tokens: int = 0) -> list[Any]:
         """Tokenize prompts with the engine's own renderer (what the OpenAI server does)."""
         from vllm.exceptions import VLLMClientError
         from vllm.renderers.inputs.preprocess import parse_model_prompt
@@ -90,7 +118,7 @@ class Engine:
                 max_output_tokens_param="max_tokens",
             )
             prompts = [parse_model_prompt(self.client.model_config, {"prompt": t}) for t in texts]
-            return await renderer.render_cmpl_async(prompts, params)
+            return list(await renderer.render_cmpl_async(prompts, params))
         except (VLLMClientError, ValueError, TypeError) as exc:
             raise InvalidInput(str(exc)) from exc
 

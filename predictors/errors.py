@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("evllm")
 
@@ -49,6 +51,12 @@ class ModelNotFound(EvllmError):
     def __init__(self, name: str):
         super().__init__(f"Model with name {name} does not exist.")
 
+    @classmethod
+    def with_message(cls, message: str) -> ModelNotFound:
+        exc = cls.__new__(cls)
+        EvllmError.__init__(exc, message)
+        return exc
+
 
 class PayloadTooLarge(EvllmError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
@@ -67,6 +75,35 @@ class NotReady(EvllmError):
     """Engine starting, draining or dead: 503, so load balancers and Knative retry elsewhere."""
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class RouteDisabled(EvllmError):
+    """A KServe route this server does not offer (model repository, versions): 404, not KServe's 501."""
+
+    status = HTTPStatus.NOT_FOUND
+
+
+class EngineStartFailed(Exception):
+    """The engine cannot start: ``str(exc)`` is one line naming the cause and the flag to change."""
+
+
+def from_openai(status: int, body: Any) -> EvllmError:
+    """An OpenAI-layer error answer (status + ``{"error": {"message": ...}}``) as the typed error with
+    the same meaning: 503 and 429 stay retryable, other 4xx are the client's, the rest the server's."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        message = str(err.get("message", err))
+    else:
+        message = err if isinstance(err, str) else str(body)
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:
+        return NotReady(message)
+    if status == HTTPStatus.TOO_MANY_REQUESTS:
+        return Overloaded(message)
+    if status == HTTPStatus.NOT_FOUND:
+        return ModelNotFound.with_message(message)
+    if 400 <= status < 500:
+        return InvalidInput(message)
+    return EvllmError(message)
 
 
 def error_response(exc: EvllmError) -> JSONResponse:
@@ -93,7 +130,14 @@ async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": _describe_validation(exc)}, status_code=HTTPStatus.BAD_REQUEST)
 
 
+async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (404 for an unknown path, 400 for a body it cannot read) in the same shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Map evllm's and FastAPI's request errors to JSON; kserve maps its own in the same shape."""
     app.add_exception_handler(EvllmError, _evllm_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(StarletteHTTPException, _http_exception)

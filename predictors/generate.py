@@ -1,20 +1,35 @@
-"""The OIP generate extension (Triton-compatible): /generate and /generate_stream (server-sent events)."""
+"""The OIP generate extension (Triton-compatible): /generate and /generate_stream (server-sent events).
+
+The generate spec answers validation errors with 422: this router maps the data plane's `InvalidInput`
+to that once, at its edge (`_as_422`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .dataplane import DataPlane
-from .errors import EvllmError, ModelNotFound, ValidationFailed
+from .errors import EvllmError, InvalidInput, ModelNotFound, ValidationFailed
 from .sampling import parse_parameters
 
 logger = logging.getLogger("evllm.generate")
+
+
+@contextlib.contextmanager
+def _as_422() -> Iterator[None]:
+    try:
+        yield
+    except ValidationFailed:
+        raise
+    except InvalidInput as exc:
+        raise ValidationFailed(exc.message) from None
 
 
 async def _read(request: Request, dataplane: DataPlane, model_name: str) -> tuple[str, Any, bool]:
@@ -34,7 +49,8 @@ async def _read(request: Request, dataplane: DataPlane, model_name: str) -> tupl
         raise ValidationFailed("text_input is required and must be a string")
     raw = body.get("parameters")
     details = bool(raw.get("details")) if isinstance(raw, dict) else False
-    return text, parse_parameters(raw, error=ValidationFailed), details
+    with _as_422():
+        return text, parse_parameters(raw), details
 
 
 def _chunk(payload: dict[str, Any]) -> bytes:
@@ -46,9 +62,8 @@ def router(dataplane: DataPlane) -> APIRouter:
 
     async def generate(model_name: str, request: Request) -> JSONResponse:
         text, params, details = await _read(request, dataplane, model_name)
-        g = await dataplane.generate(
-            text, params, request_id=request.headers.get("x-request-id"), error=ValidationFailed
-        )
+        with _as_422():
+            g = await dataplane.generate(text, params, request_id=request.headers.get("x-request-id"))
         body: dict[str, Any] = {
             "model_name": dataplane.model_name,
             "text_output": g.text,
@@ -62,9 +77,10 @@ def router(dataplane: DataPlane) -> APIRouter:
 
     async def generate_stream(model_name: str, request: Request) -> StreamingResponse:
         text, params, _ = await _read(request, dataplane, model_name)
-        deltas = await dataplane.prepare_stream(
-            text, params, request_id=request.headers.get("x-request-id"), error=ValidationFailed
-        )
+        with _as_422():
+            deltas = await dataplane.prepare_stream(
+                text, params, request_id=request.headers.get("x-request-id")
+            )
 
         async def events() -> AsyncIterator[bytes]:
             completion_tokens = 0

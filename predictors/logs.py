@@ -98,13 +98,3 @@ def configure(fmt: str = "json", level: str | None = None) -> None:
     elif logging.getLogger("evllm").level == logging.NOTSET:
         logging.getLogger("evllm").setLevel(logging.INFO)
     logging.getLogger("uvicorn.access").disabled = True
-
-
-def add_arguments(parser: Any) -> None:
-    group = parser.add_argument_group("logging")
-    group.add_argument(
-        "--log_format",
-        choices=("json", "text"),
-        default="json",
-        help="json (default): one JSON object per line with request_id, ce_id and traceparent; text: KServe's.",
-    )

@@ -1,5 +1,6 @@
 """ASGI middleware shared by every route: request context, metrics and access log, auth, body limits,
-admission, online-load accounting and abort-on-disconnect."""
+admission, online-load accounting and abort-on-disconnect. Extension routes are treated as their
+`RoutePolicy` says (body limit, online or not)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import contextlib
 import re
 import time
 import uuid
-from http import HTTPStatus
 from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import logs, metrics
 from .admission import Admission
@@ -20,26 +22,28 @@ from .errors import (
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    RouteDisabled,
     Unauthorized,
     error_response,
 )
+from .extension import Policies
 from .limits import OPENAI_GENERATION_PATHS, Limits
-
-Scope = dict[str, Any]
-
-# Paths whose POSTs are not online inference (batch work is accounted by the executor, not here).
-NOT_ONLINE = ("/events",)
 
 
 class OnlineLoad:
-    """Counts online inference requests in flight, so the batch executor can back off from them."""
+    """Counts online inference requests in flight, so background work can back off from them."""
 
-    def __init__(self, app: Any, dataplane: DataPlane):
+    def __init__(self, app: ASGIApp, dataplane: DataPlane, policies: Policies):
         self.app = app
         self.dataplane = dataplane
+        self.policies = policies
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].startswith(NOT_ONLINE):
+    def _online(self, path: str) -> bool:
+        policy = self.policies.get(path)
+        return policy is None or policy.online
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not self._online(scope["path"]):
             await self.app(scope, receive, send)
             return
         with self.dataplane.online():
@@ -54,20 +58,20 @@ class AbortOnDisconnect:
     the app (Starlette's StreamingResponse listens too) get the same disconnect message.
     """
 
-    def __init__(self, app: Any):
+    def __init__(self, app: ASGIApp):
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
         body_read = asyncio.Event()
-        disconnect: asyncio.Future[dict[str, Any]] = loop.create_future()
+        disconnect: asyncio.Future[Message] = loop.create_future()
         done = False
         client_left = False
 
-        async def wrapped_receive() -> dict[str, Any]:
+        async def wrapped_receive() -> Message:
             if body_read.is_set():
                 return await asyncio.shield(disconnect)
             message = await receive()
@@ -79,7 +83,7 @@ class AbortOnDisconnect:
                 body_read.set()
             return message
 
-        async def wrapped_send(message: dict[str, Any]) -> None:
+        async def wrapped_send(message: Message) -> None:
             nonlocal done
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 done = True
@@ -120,10 +124,10 @@ class JSONByDefault:
     Inference-Header-Content-Length) and every other path are left alone.
     """
 
-    def __init__(self, app: Any):
+    def __init__(self, app: ASGIApp):
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] == "http"
             and scope["method"] == "POST"
@@ -137,7 +141,7 @@ class JSONByDefault:
 
 
 # Hardening and observability (outermost first: Observe > Authenticate > BodyLimit > Admit) -----------
-async def _refuse(exc: EvllmError, scope: Scope, receive: Any, send: Any) -> None:
+async def _refuse(exc: EvllmError, scope: Scope, receive: Receive, send: Send) -> None:
     await error_response(exc)(scope, receive, send)
 
 
@@ -149,10 +153,10 @@ class Observe:
     """Per request: request id (echoed as X-Request-Id, given to the engine), CloudEvent id and traceparent
     in the log context; latency, status and in-flight metrics; one access log line without any body."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: ASGIApp):
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -181,7 +185,7 @@ class Observe:
         status = 500  # what the client sees if the app dies before answering (uvicorn sends a 500)
         sent = 0
 
-        async def observed_send(message: dict[str, Any]) -> None:
+        async def observed_send(message: Message) -> None:
             nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -229,11 +233,11 @@ QUIET_PATHS = frozenset({"/metrics", "/v2/health/live", "/v2/health/ready", "/"}
 class Authenticate:
     """401 with a JSON error unless the request carries a valid API key or JWT (when auth is configured)."""
 
-    def __init__(self, app: Any, authenticator: Any):
+    def __init__(self, app: ASGIApp, authenticator: Any):
         self.app = app
         self.authenticator = authenticator
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.authenticator.required(scope["path"]):
             try:
                 self.authenticator.check(_headers(scope))
@@ -250,20 +254,27 @@ class BodyLimit:
     received otherwise (chunked uploads); the body is read here, bounded, and replayed to the app.
     OpenAI generation bodies are also checked for max_tokens above the limit (vLLM never sees those)."""
 
-    def __init__(self, app: Any, limits: Limits):
+    def __init__(self, app: ASGIApp, limits: Limits, policies: Policies):
         self.app = app
         self.limits = limits
+        self.policies = policies
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    def _limit(self, path: str) -> int:
+        policy = self.policies.get(path)
+        if policy is not None and policy.max_body_bytes is not None:
+            return policy.max_body_bytes
+        return self.limits.max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        limit = self.limits.body_limit(path)
+        limit = self._limit(path)
         length = _headers(scope).get("content-length")
         try:
             if length is not None and length.strip().isdigit():
-                self.limits.check_body_size(path, int(length))
+                self.limits.check_body_size(int(length), limit)
             chunks: list[bytes] = []
             size = 0
             while True:
@@ -272,8 +283,7 @@ class BodyLimit:
                     return  # nobody to answer
                 body = message.get("body", b"")
                 size += len(body)
-                if size > limit:
-                    self.limits.check_body_size(path, size)
+                self.limits.check_body_size(size, limit)
                 chunks.append(body)
                 if not message.get("more_body", False):
                     break
@@ -287,7 +297,7 @@ class BodyLimit:
             return
         replayed = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -315,11 +325,11 @@ class Admit:
     """Bounded admission for every POST (online inference and events): 429 past the limit, 503 draining.
     Routes KServe would answer with 501 or that would unload the model answer 404 (see `_unsupported`)."""
 
-    def __init__(self, app: Any, admission: Admission):
+    def __init__(self, app: ASGIApp, admission: Admission):
         self.app = app
         self.admission = admission
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -339,7 +349,3 @@ class Admit:
             await self.app(scope, receive, send)
         finally:
             self.admission.release()
-
-
-class RouteDisabled(EvllmError):
-    status = HTTPStatus.NOT_FOUND

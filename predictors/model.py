@@ -14,7 +14,26 @@ from .infer import INPUTS, OUTPUTS, infer_v2, predict_v1
 logger = logging.getLogger("evllm.model")
 
 
-class EvllmModel(kserve.Model):
+def strict_decode(kserve_dataplane: Any) -> None:
+    """KServe decodes V2 requests (binary tensors included) before the model sees them, and garbage (a
+    header that is not an infer request, a wrong BYTES length prefix) escapes as a 500: make every
+    decoding failure the client's 400, in KServe's own error shape."""
+    from kserve.errors import InvalidInput as KServeInvalidInput
+
+    decode = kserve_dataplane.decode
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return decode(*args, **kwargs)
+        except KServeInvalidInput:
+            raise
+        except Exception as exc:
+            raise KServeInvalidInput(f"cannot decode the request: {exc}") from None
+
+    kserve_dataplane.decode = checked
+
+
+class EvllmModel(kserve.Model):  # type: ignore[misc]  # KServe ships no types
     def __init__(self, name: str, dataplane: DataPlane):
         super().__init__(name)
         self.dataplane = dataplane

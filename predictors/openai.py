@@ -2,8 +2,8 @@
 
 vLLM's routers and serving objects are mounted as a sub-application under ``/openai`` (KServe's path), so
 request validation, chat templates, sampling defaults, streaming and error shapes are exactly `vllm serve`'s,
-and a newer vLLM in the GPU image brings its fixes along. Batch lines and chat events call the same serving
-objects in-process through `OpenAIServer.call`.
+and a newer vLLM in the GPU image brings its fixes along. Extensions call the same serving objects
+in-process through `OpenAIServer.call`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from .engine import Engine
 
-# The URLs an OpenAI batch line may name, and the serving object + request type behind each.
-BATCH_URLS = ("/v1/completions", "/v1/chat/completions")
+# The URLs `OpenAIServer.call` runs in-process (the OpenAI batch line's `url` vocabulary).
+CALL_URLS = ("/v1/completions", "/v1/chat/completions")
 
 
 def _error(status: int, message: str, kind: str = "BadRequestError") -> tuple[int, dict[str, Any]]:
@@ -54,8 +54,8 @@ class OpenAIServer:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMClientError
 
-        if url not in BATCH_URLS:
-            return _error(400, f"url must be one of {', '.join(BATCH_URLS)}, got {url!r}")
+        if url not in CALL_URLS:
+            return _error(400, f"url must be one of {', '.join(CALL_URLS)}, got {url!r}")
         if not isinstance(body, dict):
             return _error(400, "body must be a JSON object")
         if body.get("stream"):

@@ -49,16 +49,16 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_parameters(raw: Any, error: type[InvalidInput] = InvalidInput) -> GenerateParameters:
+def parse_parameters(raw: Any) -> GenerateParameters:
     if raw is None:
         return GenerateParameters()
     if not isinstance(raw, dict):
-        raise error("parameters must be a JSON object")
+        raise InvalidInput("parameters must be a JSON object")
     clean = {k: v for k, v in raw.items() if k not in TRANSPORT_KEYS}
     try:
         return GenerateParameters.model_validate(clean)
     except ValidationError as exc:
-        raise error(_describe(exc)) from None
+        raise InvalidInput(_describe(exc)) from None
 
 
 def to_sampling_params(
@@ -66,7 +66,6 @@ def to_sampling_params(
     defaults: dict[str, Any] | None = None,
     *,
     stream: bool = False,
-    error: type[InvalidInput] = InvalidInput,
 ) -> Any:
     """Build SamplingParams: the model's generation_config defaults, then the request's values."""
     from vllm.exceptions import VLLMClientError
@@ -80,4 +79,4 @@ def to_sampling_params(
     try:
         return SamplingParams.from_optional(**kwargs)
     except (ValueError, TypeError, VLLMClientError) as exc:
-        raise error(f"parameters: {exc}") from None
+        raise InvalidInput(f"parameters: {exc}") from None

@@ -1,6 +1,7 @@
-"""Composition root: parse flags, build the engine + data plane + routes, start KServe's ModelServer.
+"""The predictor server: flags, engine, data plane, routes and middleware on KServe's ModelServer.
 
-The only module in `predictors` that imports `eventing` (dependencies point one way).
+Extensions (see `extension.Extension`) add their own settings and routes; this module never names one.
+The composition root (`evllm.cli`) decides which extensions a server carries.
 """
 
 from __future__ import annotations
@@ -9,97 +10,177 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
+from . import settings as settings_lib
 from .admission import Admission
+from .auth import AuthConfig
+from .config import DEMO, ServerConfig
 from .dataplane import DataPlane
-from .engine import Engine
-from .errors import install_handlers
+from .engine import Engine, explain_start_failure
+from .errors import EngineStartFailed, install_handlers
+from .extension import Extension, Policies
+from .limits import Limits
 
 logger = logging.getLogger("evllm.server")
 
-DEFAULT_MODEL_DIR = "/mnt/models"
+# KServe flags evllm decides itself: one engine per process (uvicorn workers would each need their own).
+FIXED_KSERVE_FLAGS = {"workers": 1}
 
 
-def kserve_parser() -> argparse.ArgumentParser:
-    """KServe's own ModelServer flags (--model_name, --http_port, ...) plus evllm's and eventing's."""
+@dataclass
+class Settings:
+    """Everything `evllm serve` was told, parsed once."""
+
+    kserve: argparse.Namespace  # KServe's ModelServer flags (--model_name, --http_port, ...)
+    server: ServerConfig
+    limits: Limits
+    auth: AuthConfig
+    engine: argparse.Namespace  # vLLM's engine flags
+    engine_flags: frozenset[str] = frozenset()  # the engine flags given on the command line
+    extensions: dict[str, Any] = field(default_factory=dict)  # each extension's settings, by title
+
+
+class _Parser(argparse.ArgumentParser):
+    """One line per mistake: the full usage of ~60 flags would bury it (`--help` shows them)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParser:
+    """KServe's own ModelServer flags plus evllm's and each extension's, one group per concern."""
     from kserve.model_server import parser as kserve_flags
 
-    import eventing.config
-
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="evllm serve",
         parents=[kserve_flags],
-        description="Serve one model on one vLLM engine through OIP V2, generate, KServe V1, OpenAI and "
-        "CloudEvents. Every `vllm serve` engine flag (kebab-case, e.g. --max-model-len 4096, "
-        "--tensor-parallel-size 4) is passed through to the engine.",
-    )
-    parser.add_argument(
-        "--model_dir",
-        default=None,
-        help=f"Model directory or Hugging Face id (default {DEFAULT_MODEL_DIR}; when that does not exist, "
-        "the generated demo model).",
+        allow_abbrev=False,  # --api_keys must not become --api_keys_file, nor --max_tokens --max_tokens_limit
+        description="Serve one model on one vLLM engine through OIP V2, generate, KServe V1 and OpenAI"
+        + "".join(f", {e.title}" for e in extensions)
+        + ". Every flag below can also be set as an environment variable (shown in brackets). Every "
+        "`vllm serve` engine flag (kebab-case, e.g. --max-model-len 4096, --tensor-parallel-size 4) is "
+        "passed through to the engine.",
     )
     # gRPC is not part of this server's contract; KServe enables it by default on 8081.
     parser.set_defaults(enable_grpc=False)
-    eventing.config.add_arguments(parser)
-    from . import admission, auth, limits, logs, shutdown
-
-    auth.add_arguments(parser)
-    limits.add_arguments(parser)
-    admission.add_arguments(parser)
-    shutdown.add_arguments(parser)
-    logs.add_arguments(parser)
+    settings_lib.add_arguments(parser, ServerConfig, "server", "Model, logging, admission and shutdown")
+    settings_lib.add_arguments(
+        parser, Limits, "limits", "Request limits (400/413 with a JSON error past them)"
+    )
+    settings_lib.add_arguments(
+        parser,
+        AuthConfig,
+        "auth",
+        "Authentication (off unless configured; health and readiness stay open). API keys come from "
+        "EVLLM_API_KEYS (comma-separated; environment only, a flag would show in `ps`).",
+    )
+    for ext in extensions:
+        settings_lib.add_arguments(parser, ext.settings, ext.title, ext.description)
     return parser
 
 
-def vllm_parser() -> Any:
+def _vllm_parser() -> Any:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     return make_arg_parser(FlexibleArgumentParser(prog="evllm serve (engine flags)"))
 
 
-def resolve_model_dir(model_dir: str | None) -> str:
-    if model_dir:
-        return model_dir
-    if Path(DEFAULT_MODEL_DIR).is_dir() and any(Path(DEFAULT_MODEL_DIR).iterdir()):
-        return DEFAULT_MODEL_DIR
-    from .demo_model import ensure_demo_model
-
-    path = ensure_demo_model()
-    logger.info(
-        "no model given and %s is empty: serving the generated demo model %s", DEFAULT_MODEL_DIR, path
-    )
-    return str(path)
+def _is_local(model_dir: str) -> bool:
+    return model_dir.startswith(("/", ".", "~")) or Path(model_dir).exists()
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
+def resolve_model(config: ServerConfig) -> str:
+    """The model vLLM loads: the demo model only when asked for, a local directory only when it holds
+    something (an empty /mnt/models would otherwise start with random weights), else a hub id."""
+    if config.model_dir == DEMO:
+        from .demo_model import demo_dir, ensure_demo_model
+
+        path = ensure_demo_model(demo_dir(config.cache_dir))
+        logger.info("serving the generated demo model %s", path)
+        return str(path)
+    if _is_local(config.model_dir):
+        path = Path(config.model_dir).expanduser()
+        if not path.is_dir() or not any(path.iterdir()):
+            raise EngineStartFailed(
+                f"--model_dir {config.model_dir}: no model there (missing or empty directory); give a model "
+                f"directory or Hugging Face id, or --model_dir {DEMO} for the demo model"
+            )
+        return str(path)
+    return config.model_dir
+
+
+def _flag_names(argv: Sequence[str]) -> frozenset[str]:
+    return frozenset(a.split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--"))
+
+
+def read_settings(
+    parser: argparse.ArgumentParser, kargs: argparse.Namespace, extensions: Sequence[Extension] = ()
+) -> Settings:
+    """evllm's and the extensions' settings from parsed flags (engine flags are filled in later)."""
+    for name, value in FIXED_KSERVE_FLAGS.items():
+        if getattr(kargs, name) != value:
+            parser.error(
+                f"--{name} {getattr(kargs, name)}: evllm runs one engine per process, so --{name} is "
+                f"always {value}; scale with replicas (Knative) instead"
+            )
+    try:
+        return Settings(
+            kserve=kargs,
+            server=settings_lib.from_namespace(ServerConfig, kargs),
+            limits=settings_lib.from_namespace(Limits, kargs),
+            auth=settings_lib.from_namespace(AuthConfig, kargs),
+            engine=argparse.Namespace(),
+            extensions={e.title: settings_lib.from_namespace(e.settings, kargs) for e in extensions},
+        )
+    except settings_lib.SettingsError as exc:
+        parser.error(str(exc))
+
+
+def parse_args(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> Settings:
     """Split argv into KServe/evllm flags and vLLM engine flags, the way each project spells them."""
-    kargs, rest = kserve_parser().parse_known_args(argv)
-    vparser = vllm_parser()
+    parser = build_parser(extensions)
+    kargs, rest = parser.parse_known_args(list(argv))
+    settings = read_settings(parser, kargs, extensions)
+    # Before vLLM's parser: a missing model is refused without importing vLLM (~10 s).
+    try:
+        model = resolve_model(settings.server)
+    except EngineStartFailed as exc:
+        parser.error(str(exc))
+    vparser = _vllm_parser()
+    vparser.error = parser.error  # one line, not vLLM's usage of ~200 flags
     vargs = vparser.parse_args(rest)
+    if vargs.api_key:
+        parser.error(
+            "--api-key is vllm serve's and would guard only the OpenAI routes; evllm authenticates every "
+            "protocol: set EVLLM_API_KEYS or --api_keys_file"
+        )
     if vargs.model_tag is not None:
         vparser.error(f"unexpected positional argument {vargs.model_tag!r}; use --model_dir")
-    vargs.model = resolve_model_dir(kargs.model_dir)
+    vargs.model = model
     vargs.served_model_name = [kargs.model_name]
-    # Batch chunks run below online traffic on the same engine: that needs priority scheduling.
+    # Background work (batch) runs below online traffic on the same engine: that needs priorities.
     if not any(a.startswith("--scheduling-policy") for a in rest):
         vargs.scheduling_policy = "priority"
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
     validate_parsed_serve_args(vargs)
-    return kargs, vargs
+    settings.engine, settings.engine_flags = vargs, _flag_names(rest)
+    return settings
 
 
 def health_router(dataplane: DataPlane) -> APIRouter:
     """OIP health: live fails once the engine is dead (so the kubelet restarts us); ready only once the
     engine can generate. Registered before kserve's routes, which would answer ready=true regardless."""
-    api = APIRouter()
+    # Out of /openapi.json: KServe's routes document the same paths (ours shadow them, same shapes).
+    api = APIRouter(include_in_schema=False)
 
     @api.get("/v2/health/live")
     async def live() -> JSONResponse:
@@ -116,14 +197,13 @@ def health_router(dataplane: DataPlane) -> APIRouter:
     return api
 
 
-def attach_routes(app: FastAPI, dataplane: DataPlane, kargs: argparse.Namespace) -> Admission:
-    """Routes, error handlers and middleware on KServe's app; returns the admission controller (which the
-    graceful shutdown drains)."""
-    import eventing.routes
-
+def assemble(
+    app: FastAPI, dataplane: DataPlane, settings: Settings, extensions: Sequence[Extension] = ()
+) -> Admission:
+    """Routes, error handlers and middleware on an app that carries KServe's V1/V2 routes; returns the
+    admission controller (which the graceful shutdown drains)."""
     from . import generate, metrics
-    from .auth import AuthConfig, Authenticator
-    from .limits import Limits
+    from .auth import Authenticator
     from .middleware import (
         AbortOnDisconnect,
         Admit,
@@ -134,13 +214,16 @@ def attach_routes(app: FastAPI, dataplane: DataPlane, kargs: argparse.Namespace)
         OnlineLoad,
     )
 
-    limits = Limits.from_args(kargs)
-    admission = Admission(kargs.max_concurrent_requests, kargs.retry_after_seconds)
-    authenticator = Authenticator(AuthConfig.from_args(kargs))
-    metrics.init(dataplane.model_name, admission.limit)
-    # Shared with the eventing package (batch lines per job, event size) and the data plane's checks.
-    app.state.evllm_limits = dataplane.limits = limits
-    app.state.evllm_admission = admission
+    policies = Policies.of([p for e in extensions for p in e.policies(settings.extensions[e.title])])
+    admission = Admission(settings.server.max_concurrent_requests, settings.server.retry_after_seconds)
+    authenticator = Authenticator(settings.auth)
+    metrics.init(
+        dataplane.model_name,
+        admission.limit,
+        {p.path: p.protocol for p in policies.by_path.values()},
+        tuple(proto for e in extensions for proto in e.protocols),
+    )
+    limits = dataplane.limits = settings.limits
     dataplane.engine_hooks.append(
         lambda client: setattr(
             client, "generate", metrics.instrument_generate(client.generate, limits.engine_check)
@@ -151,14 +234,15 @@ def attach_routes(app: FastAPI, dataplane: DataPlane, kargs: argparse.Namespace)
     app.include_router(health_router(dataplane))
     app.include_router(generate.router(dataplane))
     app.mount("/openai", dataplane.openai.app)
-    eventing.routes.attach(app, dataplane, kargs)
+    for ext in extensions:
+        ext.attach(app, dataplane, settings.extensions[ext.title])
     install_openapi(app, dataplane.openai.app)
     # add_middleware wraps what is there: the last added runs first.
     app.add_middleware(AbortOnDisconnect)
     app.add_middleware(JSONByDefault)
-    app.add_middleware(OnlineLoad, dataplane=dataplane)
+    app.add_middleware(OnlineLoad, dataplane=dataplane, policies=policies)
     app.add_middleware(Admit, admission=admission)
-    app.add_middleware(BodyLimit, limits=limits)
+    app.add_middleware(BodyLimit, limits=limits, policies=policies)
     app.add_middleware(Authenticate, authenticator=authenticator)
     app.add_middleware(Observe)
     if authenticator.enabled:
@@ -168,8 +252,8 @@ def attach_routes(app: FastAPI, dataplane: DataPlane, kargs: argparse.Namespace)
 
 def install_openapi(app: FastAPI, openai_app: FastAPI) -> None:
     """``/openapi.json`` describes every route, the mounted OpenAI sub-app included (FastAPI leaves mounts
-    out), so clients and the fuzz tests see the whole surface. /events is described by its CloudEvents
-    catalog instead. KServe's model-repository routes are disabled (see middleware.Admit)."""
+    out), so clients and the fuzz tests see the whole surface. KServe's model-repository routes are
+    disabled (see middleware.Admit)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -204,9 +288,11 @@ def _lean_kserve_app(event_loop: str) -> None:
 
     def without_timing(self: Any, app: FastAPI) -> None:
         add_middlewares(self, app)
-        app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "TimingMiddleware"]
+        app.user_middleware = [
+            m for m in app.user_middleware if getattr(m.cls, "__name__", "") != "TimingMiddleware"
+        ]
 
-    RESTServer._add_middlewares = without_timing  # type: ignore[method-assign]
+    RESTServer._add_middlewares = without_timing
     if event_loop in ("auto", "uvloop"):
         try:
             import uvloop
@@ -221,22 +307,32 @@ def _lean_kserve_app(event_loop: str) -> None:
             asyncio.set_event_loop(asyncio.new_event_loop())
 
 
-def serve(argv: list[str]) -> None:
+def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
     from kserve import ModelServer
     from kserve.model_server import app
 
     from . import logs
-    from .model import EvllmModel
+    from .model import EvllmModel, strict_decode
     from .shutdown import GracefulShutdown
 
-    kargs, vargs = parse_args(argv)
-    logs.configure(kargs.log_format)
-    dataplane = DataPlane(Engine(vargs), kargs.model_name)
-    model = EvllmModel(kargs.model_name, dataplane)
-    admission = attach_routes(app, dataplane, kargs)
-    graceful = GracefulShutdown(admission, dataplane.engine, kargs.grace_period, kargs.drain_seconds)
+    settings = parse_args(argv, extensions)
+    logs.configure(settings.server.log_format)
+    dataplane = DataPlane(Engine(settings.engine, settings.engine_flags), settings.kserve.model_name)
+    model = EvllmModel(settings.kserve.model_name, dataplane)
+    try:
+        admission = assemble(app, dataplane, settings, extensions)
+    except settings_lib.SettingsError as exc:
+        build_parser(extensions).error(str(exc))
+    graceful = GracefulShutdown(
+        admission, dataplane.engine, settings.server.grace_period, settings.server.drain_seconds
+    )
+    kargs = settings.kserve
 
-    class Server(ModelServer):
+    class Server(ModelServer):  # type: ignore[misc]  # KServe ships no types
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            strict_decode(self.dataplane)
+
         def register_signal_handler(self) -> None:
             super().register_signal_handler()
             # uvicorn installs its own handle_exit while serving: drain before it runs.
@@ -244,20 +340,27 @@ def serve(argv: list[str]) -> None:
                 graceful.install(self._rest_server._server)
 
     _lean_kserve_app(kargs.event_loop)
-    Server(
-        http_port=kargs.http_port,
-        workers=1,  # one engine per process: uvicorn workers would each need their own
-        enable_grpc=kargs.enable_grpc,
-        grpc_port=kargs.grpc_port,
-        enable_docs_url=kargs.enable_docs_url,
-        # uvicorn's own wait for connections after the drain; the drain already used up to grace_period.
-        grace_period=max(int(kargs.grace_period), 1),
-    ).start([model])
+    try:
+        Server(
+            http_port=kargs.http_port,
+            workers=1,
+            enable_grpc=kargs.enable_grpc,
+            grpc_port=kargs.grpc_port,
+            enable_docs_url=kargs.enable_docs_url,
+            # uvicorn's own wait for connections after the drain; the drain already used up to grace_period.
+            grace_period=max(int(settings.server.grace_period), 1),
+        ).start([model])
+    except Exception as exc:
+        if dataplane.engine.client is not None:
+            raise
+        # The engine never came up: one line with the cause and the flag, after vLLM's own traceback.
+        print(f"evllm serve: engine failed to start: {explain_start_failure(exc)}", file=sys.stderr)
+        sys.exit(1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-
-    cli_env_setup()
+def main(argv: Sequence[str] | None = None, extensions: Sequence[Extension] = ()) -> None:
+    # What `vllm serve` sets up (vllm.entrypoints.serve.utils.api_utils.cli_env_setup), without importing
+    # vLLM before the flags are parsed: `--help` and usage errors answer in a second.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    serve(sys.argv[1:] if argv is None else argv)
+    serve(sys.argv[1:] if argv is None else argv, extensions)

@@ -26,9 +26,6 @@ from .admission import Admission
 
 logger = logging.getLogger("evllm.shutdown")
 
-DEFAULT_GRACE_PERIOD = 25  # under Kubernetes' default terminationGracePeriodSeconds of 30
-DEFAULT_DRAIN_SECONDS = 0.0
-
 
 class GracefulShutdown:
     def __init__(self, admission: Admission, engine: Any, grace_period: float, drain_seconds: float):
@@ -87,21 +84,3 @@ class GracefulShutdown:
                 )
         finally:
             original(sig, frame)
-
-
-def add_arguments(parser: Any) -> None:
-    group = parser.add_argument_group("shutdown", "Graceful shutdown on SIGTERM")
-    group.add_argument(
-        "--grace_period",
-        type=float,
-        default=DEFAULT_GRACE_PERIOD,
-        help=f"Seconds to finish in-flight requests after SIGTERM (default {DEFAULT_GRACE_PERIOD}; keep it "
-        "below the pod's terminationGracePeriodSeconds).",
-    )
-    group.add_argument(
-        "--drain_seconds",
-        type=float,
-        default=DEFAULT_DRAIN_SECONDS,
-        help="Keep answering (503 for new work) at least this long after SIGTERM, while endpoints update "
-        f"(default {DEFAULT_DRAIN_SECONDS:g}).",
-    )

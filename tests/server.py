@@ -19,9 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Only one engine runs at a time on this 2-core machine: concurrent test sessions queue on this lock.
 ENGINE_LOCK = Path(tempfile.gettempdir()) / "evllm-engine.lock"
 
-# Small engine settings so CI stays quick: 1 GiB KV cache, short context.
-TEST_ENGINE_ARGS = ["--max-model-len", "1024", "--dtype", "float32"]
-TEST_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any VLLM_* variable: servers start the way `make serve`
+    starts them, so the KV cache size and every other engine default are evllm's own choices."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def free_port() -> int:
@@ -37,13 +40,14 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = args
-        self.env = {**os.environ, **TEST_ENV, **(env or {})}
+        self.env = clean_env(**(env or {}))
         self.log_path = Path(tempfile.mkdtemp(prefix="evllm-test-")) / f"{log_name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.live_before_ready = False
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "predictors", "--http_port", str(self.port), *self.args]
+        # `make serve` runs `evllm serve`; `python -m evllm` is the same entry point (and the container's).
+        return [sys.executable, "-m", "evllm", "serve", "--http_port", str(self.port), *self.args]
 
     def start(self, timeout: float = 300.0, ready_path: str = "/v2/health/ready") -> ServerProcess:
         with open(self.log_path, "ab") as log:

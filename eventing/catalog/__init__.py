@@ -32,7 +32,8 @@ CONSUMED = tuple(name for name, (direction, _) in TYPES.items() if "in" in direc
 
 @cache
 def schema(name: str) -> dict[str, Any]:
-    return json.loads((HERE / f"{name}.json").read_text())
+    obj: dict[str, Any] = json.loads((HERE / f"{name}.json").read_text())
+    return obj
 
 
 def errors(name: str, data: Any) -> list[str]:

@@ -1,4 +1,5 @@
-"""Batch jobs with an engine-free data plane: chunking, exactly-once parts, completion, sink mode."""
+"""Batch jobs with an engine-free data plane: local mode (no K_SINK: two chunks at a time, waiting for the
+engine, resuming after a failed chunk), sink mode, chunking, exactly-once parts and completion."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent, from_http
 
-from eventing import chunk
+from eventing import chunk, cli
 from eventing.batch import JobFiles, Manifest
 
 from .batchdata import check_outputs, completion_line, mixed_lines
@@ -122,10 +123,87 @@ def test_local_job_overlaps_chunks_and_reads_its_input_once(tmp_path: Path, monk
         # Chunks a and b start together; b finishes quickly and c starts while "slow" still runs (one
         # chunk at a time, c would wait for a's last line).
         assert "slow" in dp.seen_with["c0"] and "slow" in dp.seen_with["c1"]
+        assert any(p.startswith("a") for p in dp.seen_with["b3"])
+        # Never more than two chunks at once.
+        chunk_of = {p: i // 4 for i, p in enumerate(prompts)}
+        assert max(len({chunk_of[p] for p in {q, *seen}}) for q, seen in dp.seen_with.items()) == 2
 
     asyncio.run(main())
     inputs = [u for u in reads if u.endswith("/ov/input.jsonl")]
     assert len(inputs) == 1, reads
+
+
+def test_local_job_resumes_after_a_failed_chunk(tmp_path: Path, monkeypatch) -> None:
+    """A chunk that fails for good (here: its part file cannot be written) stops the local run; the
+    job stays incomplete until batch.submitted is delivered again, which runs only the missing chunks."""
+    prompts = [f"p{i}" for i in range(12)]
+    inp = write_input(tmp_path, [json.dumps(completion_line(f"id-{p}", p)) for p in prompts])
+    write_atomic = chunk.write_atomic
+    broken = {"chunk-000001.jsonl"}
+
+    def flaky_write(loc, data: bytes) -> None:
+        name = loc.path.rsplit("/", 1)[-1]
+        if name in broken:
+            broken.discard(name)
+            raise OSError(28, "No space left on device")
+        write_atomic(loc, data)
+
+    monkeypatch.setattr(chunk, "write_atomic", flaky_write)
+    job = tmp_path / "out" / "rs"
+
+    async def main() -> None:
+        dp = FakeDataPlane()
+        async with events_client(dp, tmp_path) as client:
+            data = {"job_id": "rs", "input": str(inp), "output": str(tmp_path / "out"), "chunk_size": 4}
+            assert (await post(client, submitted(data)))[1]["type"] == "dev.evllm.batch.progress"
+            await wait_local_jobs(client)
+            assert not broken and not (job / "result.json").exists()
+            assert not (job / "parts" / "chunk-000001.jsonl").exists()
+            assert (job / "parts" / "chunk-000000.jsonl").exists()
+            assert cli.job_status(str(tmp_path / "out"), "rs")["state"] == "in_progress"
+            status, progress = await post(client, submitted(data, id_="resume"))
+            assert status == 200 and progress["type"] == "dev.evllm.batch.progress"
+            assert progress.data["chunks_done"] >= 1
+            await wait_local_jobs(client)
+            status, done = await post(client, submitted(data, id_="after"))
+            assert status == 200 and done["type"] == "dev.evllm.batch.completed"
+            assert done.data["request_counts"] == {"total": 12, "completed": 12, "failed": 0}
+        # Chunk 1's lines ran twice (its first result was never written); every other line once.
+        ran = sorted(body["prompt"] for _, body, _ in dp.calls)
+        assert ran == sorted(prompts + prompts[4:8])
+
+    asyncio.run(main())
+    check_outputs(job, {f"id-{p}" for p in prompts}, 0)
+
+
+def test_local_job_waits_for_the_engine_and_retries_the_chunk(tmp_path: Path) -> None:
+    """Engine not ready (starting, restarting): the local run retries the chunk with backoff instead of
+    failing it; the job completes once the engine is back."""
+    from prometheus_client import REGISTRY
+
+    from predictors import metrics
+
+    def retried() -> float:
+        labels = {"model": metrics.model(), "outcome": "retried"}
+        return REGISTRY.get_sample_value("evllm_batch_chunks_total", labels) or 0.0
+
+    async def main() -> None:
+        dp = FakeDataPlane()
+        dp.ready = False
+        before = retried()
+        async with events_client(dp, tmp_path) as client:
+            lines = [completion_line(f"c{i}", f"hi {i}") for i in range(3)]
+            data = {"job_id": "wait", "input": lines, "output": str(tmp_path / "o")}
+            assert (await post(client, submitted(data)))[1]["type"] == "dev.evllm.batch.progress"
+            await asyncio.sleep(0.2)
+            assert retried() > before and dp.calls == []
+            dp.ready = True
+            await wait_local_jobs(client)
+        assert len(dp.calls) == 3
+        result = json.loads((tmp_path / "o" / "wait" / "result.json").read_text())
+        assert result["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+
+    asyncio.run(main())
 
 
 def test_bad_jobs_reply_batch_failed(tmp_path: Path) -> None:
@@ -290,7 +368,7 @@ def test_engine_not_ready_chunk_is_503(tmp_path: Path) -> None:
             data = {"job_id": "nr", "input": [{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x"}}],
                     "output": str(tmp_path / "o")}  # fmt: skip
             await post(client, submitted(data))
-            dp.not_ready = True
+            dp.ready = False
             status, _ = await post(client, to_binary(client.handlers.sink.events[0]))
             assert status == 503
             assert not (tmp_path / "o" / "nr" / "parts" / "chunk-000000.jsonl").exists()
@@ -306,18 +384,15 @@ def test_manifest_chunk_ranges() -> None:
 
 
 def test_job_over_the_line_limit_fails(tmp_path: Path) -> None:
-    from predictors.limits import Limits
-
-    dataplane = FakeDataPlane()
-    dataplane.limits = Limits(max_batch_lines=2)
     lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {}} for i in range(3)]
 
     async def main() -> None:
-        async with events_client(dataplane, tmp_path) as client:
+        async with events_client(FakeDataPlane(), tmp_path, max_batch_lines=2) as client:
             data = {"job_id": "big", "input": lines, "output": str(tmp_path / "o")}
             status, reply = await post(client, submitted(data, id_="big-1"))
             assert status == 200 and reply["type"] == "dev.evllm.batch.failed"
             assert "3 lines; the limit is 2 per job" in reply.data["error"]
+            assert not (tmp_path / "o" / "big").exists()
             ok = {"job_id": "small", "input": lines[:2], "output": str(tmp_path / "o")}
             assert (await post(client, submitted(ok, id_="small-1")))[1]["type"] == "dev.evllm.batch.progress"
             await wait_local_jobs(client)

@@ -10,9 +10,7 @@ from cloudevents.http import CloudEvent
 
 from eventing.events import BadEvent, encode, is_rfc3339, make_event, parse_http
 
-from .fakes import SHARED
-
-CONFORMANCE = SHARED / "specs" / "cloudevents"
+from .fakes import CLOUDEVENTS_CASES as CONFORMANCE
 
 
 def cases(name: str) -> list[dict]:

@@ -1,10 +1,12 @@
-"""`evllm batch status` on a finished and an unfinished job, and argument wiring (no engine)."""
+"""`evllm batch submit|status` and `evllm send` argument wiring; submit against a recording sink, status on
+a finished and an unfinished job (no engine)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 
 from eventing import cli
+from tests.conftest import Broker
 
 from .batchdata import mixed_lines
 from .fakes import FakeDataPlane, events_client
@@ -28,12 +31,62 @@ def test_parsers_set_functions() -> None:
     args = p.parse_args(["send", "http://x/events", "--type", "t", "--data", "{}", "--structured",
                          "--extension", "a=b"])  # fmt: skip
     assert args.func is cli.send_command and args.binary is False and args.extension == ["a=b"]
-    args = p.parse_args(
-        ["batch", "submit", "http://x", "--input", "in.jsonl", "--output", "/o", "--job-id", "j"]
-    )
-    assert args.func is cli.submit_command and args.job_id == "j"
-    args = p.parse_args(["batch", "status", "/o", "--job-id", "j"])
+    args = p.parse_args(["batch", "submit", "http://x", "--input", "in.jsonl", "--output", "/o", "--job_id", "j",
+                         "--chunk_size", "8", "--events_prefix", "com.acme"])  # fmt: skip
+    assert args.func is cli.submit_command
+    assert (args.job_id, args.chunk_size, args.events_prefix) == ("j", 8, "com.acme")
+    args = p.parse_args(["batch", "status", "/o", "--job_id", "j"])
     assert args.func is cli.status_command
+
+
+@pytest.mark.parametrize("old", ["--job-id", "--chunk-size", "--prefix"])
+def test_client_flags_have_one_spelling(old: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["batch", "submit", "http://x", "--input", "i", "--output", "/o", old, "1"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.fixture
+def ingress() -> Iterator[Broker]:
+    """A broker ingress that records the events posted to it."""
+    b = Broker()
+    b.thread.start()
+    yield b
+    b.server.shutdown()
+    b.server.server_close()
+
+
+def test_batch_submit_posts_the_event(
+    ingress: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [
+        json.dumps({"custom_id": f"c{i}", "url": "/v1/completions", "body": {"prompt": "x"}})
+        for i in range(2)
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n\n")
+    monkeypatch.chdir(tmp_path)
+    args = parser().parse_args(["batch", "submit", ingress.url, "--input", "in.jsonl", "--output", "s3://b/out",
+                                "--job_id", "j1", "--chunk_size", "8", "--events_prefix", "com.acme",
+                                "--model", "demo", "--id", "sub-1", "--deadline", "2030-01-01T00:00:00Z"])  # fmt: skip
+    assert args.func(args) == 0
+    assert "accepted (HTTP 202, no reply event)" in capsys.readouterr().out
+    args = parser().parse_args(
+        ["batch", "submit", ingress.url, "--input", "in.jsonl", "--output", "/o", "--inline"]
+    )
+    assert args.func(args) == 0
+    generated = capsys.readouterr().err.removeprefix("job_id: ").strip()
+    first, second = ingress.events
+    assert (first["type"], first["id"], first["subject"], first["model"]) == (
+        "com.acme.batch.submitted",
+        "sub-1",
+        "j1",
+        "demo",
+    )
+    assert first.data == {"job_id": "j1", "input": str(tmp_path / "in.jsonl"), "output": "s3://b/out",
+                          "chunk_size": 8, "deadline": "2030-01-01T00:00:00Z"}  # fmt: skip
+    # Defaults: the dev.evllm prefix, a new job id, the server's chunk size; --inline sends the lines.
+    assert second["type"] == "dev.evllm.batch.submitted" and generated.startswith("job-")
+    assert second.data == {"job_id": generated, "input": lines, "output": "/o"}
 
 
 def test_status_reads_progress_and_completion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -67,10 +120,10 @@ def test_status_reads_progress_and_completion(tmp_path: Path, capsys: pytest.Cap
                 await client.post("/events", headers=headers, content=body)
 
     asyncio.run(main())
-    args = parser().parse_args(["batch", "status", f"file://{tmp_path / 'o'}", "--job-id", "st"])
+    args = parser().parse_args(["batch", "status", f"file://{tmp_path / 'o'}", "--job_id", "st"])
     assert args.func(args) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["state"] == "completed" and status["chunks_done"] == status["chunks_total"] == 3
     assert status["request_counts"] == {"total": len(good) + bad, "completed": len(good), "failed": bad}
-    args = parser().parse_args(["batch", "status", str(tmp_path / "o"), "--job-id", "other"])
+    args = parser().parse_args(["batch", "status", str(tmp_path / "o"), "--job_id", "other"])
     assert args.func(args) == 1

@@ -1,4 +1,8 @@
-"""POST /events on the real `evllm serve` (session server, no K_SINK): inference and a local batch job."""
+"""POST /events on the real `evllm serve`: the session server, started as `make serve` starts it, with
+K_SINK set to the test broker, which (like a Knative Trigger) delivers each batch.chunk back to /events.
+So a batch job submitted here completes by itself, through the broker. Local mode (no K_SINK) is
+covered engine-free (test_batch_jobs.py); delivery by hand and crash recovery in test_crash_recovery.py.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ import pytest
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent, from_http
 
-from tests.conftest import MODEL_NAME
+from eventing.cli import job_status
+from tests.conftest import MODEL_NAME, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS
 
-from .batchdata import check_outputs, mixed_lines
+from .batchdata import check_outputs, completion_line, mixed_lines, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -95,38 +100,68 @@ def test_invalid_conformance_events_over_http(server) -> None:
         assert resp.json()["error"]
 
 
-def wait_for(path: Path, timeout: float = 300) -> None:
+def wait_completed(output: Path, job_id: str, timeout: float = 300) -> dict:
+    """Poll the job's files (what `evllm batch status` reads) until the broker's deliveries finished it."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
+    while (status := job_status(str(output), job_id))["state"] != "completed":
+        assert time.monotonic() < deadline, f"job {job_id} not completed after {timeout}s: {status}"
         time.sleep(0.5)
+    return status
 
 
-def test_local_batch_job_end_to_end(server, storage_root: Path) -> None:
+def metric(url: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_batch_job_completes_through_the_broker(
+    server, broker, storage_root: Path, offline_reference: list[dict]
+) -> None:
+    """batch.submitted -> one batch.chunk per chunk to K_SINK -> the broker delivers them back -> the
+    job completes; greedy lines match vLLM's offline output token for token."""
     lines, good, bad = mixed_lines(12)
-    inp = storage_root / "local-in.jsonl"
-    inp.write_text("\n".join(lines) + "\n")
-    data = {
-        "job_id": "local-e2e",
-        "input": f"file://{inp}",
-        "output": str(storage_root / "out"),
-        "chunk_size": 5,
-    }
-    event = CloudEvent({"type": "dev.evllm.batch.submitted", "source": "/tests", "id": "sub-local",
+    refs = [
+        completion_line(f"ref-{i}", p, max_tokens=REFERENCE_MAX_TOKENS)
+        for i, p in enumerate(REFERENCE_PROMPTS)
+    ]
+    inp = storage_root / "broker-in.jsonl"
+    inp.write_text("\n".join([*lines, *map(json.dumps, refs)]) + "\n")
+    out = storage_root / "out"
+    data = {"job_id": "broker-e2e", "input": f"file://{inp}", "output": str(out), "chunk_size": 5}
+    event = CloudEvent({"type": "dev.evllm.batch.submitted", "source": "/tests", "id": "sub-broker",
                         "model": MODEL_NAME}, data)  # fmt: skip
+    batch_tokens = metric(server.url, "evllm_completion_tokens_total", protocol="batch")
     resp = post(server.url, event)
     assert resp.status_code == 200, resp.text
     accepted = from_http(dict(resp.headers), resp.content)
-    assert accepted["type"] == "dev.evllm.batch.progress" and accepted.data["chunks_total"] == 4
-    # Delivered twice while running: still one run of each chunk.
+    assert accepted["type"] == "dev.evllm.batch.progress" and accepted.data["chunks_total"] == 5
+    chunks = broker.chunks("broker-e2e")
+    assert sorted(chunks) == [0, 1, 2, 3, 4]
+    assert all(c["type"] == "dev.evllm.batch.chunk" and c["model"] == MODEL_NAME for c in chunks.values())
+    # Delivered twice while running: the missing chunks are emitted again (same ids), still one result.
     assert post(server.url, event).status_code == 200
-    job = storage_root / "out" / "local-e2e"
-    wait_for(job / "result.json")
-    result = check_outputs(job, good, bad)
-    errors = {r["custom_id"]: r for r in map(json.loads, (job / "errors.jsonl").read_text().splitlines())}
+    status = wait_completed(out, "broker-e2e")
+    assert status["chunks_done"] == status["chunks_total"] == 5
+    job = out / "broker-e2e"
+    result = check_outputs(job, good | {f"ref-{i}" for i in range(len(refs))}, bad)
+    errors = {r["custom_id"]: r for r in read_jsonl(job / "errors.jsonl")}
     assert "duplicate" in errors["ok-1"]["error"]["message"]
     assert errors["bad-param"]["response"]["status_code"] == 400  # rejected by vLLM, not by us
     assert "max_tokens" in errors["bad-param"]["error"]["message"]
+    outputs = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(job / "output.jsonl")}
+    for i, ref in enumerate(offline_reference):
+        body = outputs[f"ref-{i}"]
+        assert body["choices"][0]["text"] == ref["text"]
+        assert body["usage"]["completion_tokens"] == len(ref["token_ids"])
+    # The engine work was counted as batch work (not as the /events requests that carried it).
+    assert metric(server.url, "evllm_completion_tokens_total", protocol="batch") > batch_tokens
     # Delivered again after completion: the same completed event (id), and files unchanged.
     before = (job / "output.jsonl").read_bytes()
     reply = from_http(*(lambda r: (dict(r.headers), r.content))(post(server.url, event)))
@@ -143,8 +178,8 @@ def test_batch_job_with_missing_input_fails_naming_it(server, storage_root: Path
 
 
 def evllm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "from predictors.cli import main; main()", *args], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "evllm", *args], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["--binary", "--structured"])
@@ -164,11 +199,11 @@ def test_cli_batch_submit_and_status(server, storage_root: Path) -> None:
     inp.write_text("\n".join(lines) + "\n")
     out = storage_root / "cli-out"
     res = evllm("batch", "submit", server.url + "/events", "--input", str(inp), "--output", str(out),
-                "--job-id", "cli-job", "--chunk-size", "3", "--model", MODEL_NAME)  # fmt: skip
+                "--job_id", "cli-job", "--chunk_size", "3", "--model", MODEL_NAME)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["type"] == "dev.evllm.batch.progress"
-    wait_for(out / "cli-job" / "result.json")
-    res = evllm("batch", "status", str(out), "--job-id", "cli-job")
+    wait_completed(out, "cli-job")  # the broker delivers the chunks
+    res = evllm("batch", "status", str(out), "--job_id", "cli-job")
     assert res.returncode == 0, res.stderr
     status = json.loads(res.stdout)
     assert status["state"] == "completed" and status["chunks_done"] == status["chunks_total"] == 3

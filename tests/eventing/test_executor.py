@@ -8,7 +8,7 @@ import pytest
 
 from eventing.batch import Line
 from eventing.executor import AdaptiveLimit, Executor
-from predictors.errors import NotReady
+from predictors.errors import InvalidInput, NotReady, Overloaded
 
 from .fakes import FakeDataPlane
 
@@ -71,41 +71,75 @@ def test_online_arrival_lowers_the_limit_for_lines_not_started_yet() -> None:
     asyncio.run(main())
 
 
-def test_line_errors_become_error_records() -> None:
+def line_count(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    from predictors import metrics
+
+    value = REGISTRY.get_sample_value(
+        "evllm_batch_lines_total", {"model": metrics.model(), "outcome": outcome}
+    )
+    return value or 0.0
+
+
+def test_line_errors_become_error_records_and_every_line_is_counted() -> None:
     async def main() -> None:
-        ex = Executor(FakeDataPlane())
+        before = {o: line_count(o) for o in ("succeeded", "failed")}
+        ex = Executor(FakeDataPlane(), low=1, high=4)
         bad = Line(0, "a", error="url must be ...")
         rejected = Line(1, "b", "/v1/completions", {"prompt": "bad"})
-        records = await ex.run_lines("k", [bad, rejected])
+        good = Line(2, "c", "/v1/completions", {"prompt": "fine"})
+        records = await ex.run_lines("k", [bad, rejected, good])
         assert records[0]["error"]["code"] == "invalid_request" and records[0]["response"] is None
         assert records[1]["error"]["code"] == "http_400" and records[1]["response"]["status_code"] == 400
+        assert records[1]["error"]["message"] == "max_tokens must be at least 1"  # the OpenAI layer's
+        assert records[2]["error"] is None and records[2]["response"]["body"]["choices"][0]["text"] == "FINE"
+        assert line_count("failed") - before["failed"] == 2
+        assert line_count("succeeded") - before["succeeded"] == 1
         await ex.close()
 
     asyncio.run(main())
 
 
 def test_unexpected_line_exception_is_that_lines_error_unless_the_engine_is_down() -> None:
-    class VLLMClientError(Exception):  # matched by name: eventing does not import vllm
-        pass
-
-    class Invalid(VLLMClientError):
-        pass
-
     async def main() -> None:
         dp = FakeDataPlane()
 
         async def boom(url, body, *, priority=0):
-            raise Invalid("max_tokens must be at least 1") if body["prompt"] == "a" else RuntimeError("oops")
+            if body["prompt"] == "a":
+                raise InvalidInput("prompt has 99 tokens; the limit is 48")
+            raise RuntimeError("oops")
 
         dp.openai_call = boom  # type: ignore[method-assign]
-        ex = Executor(dp)
+        ex = Executor(dp, low=1, high=4)
         a, b = await ex.run_lines("k", [Line(0, "a", "/v1/completions", {"prompt": "a"}),
                                         Line(1, "b", "/v1/completions", {"prompt": "b"})])  # fmt: skip
-        assert (a["error"]["code"], a["response"]["status_code"]) == ("invalid_request", 400)
+        assert (a["error"]["code"], a["response"]["status_code"]) == ("InvalidInput", 400)
+        assert a["error"]["message"] == "prompt has 99 tokens; the limit is 48"
         assert (b["error"]["code"], b["response"]["status_code"]) == ("internal_error", 500)
-        dp.ready = False  # type: ignore[attr-defined]
+        # The same failure while the engine is away is the engine's, not the line's: the chunk is retried.
+        dp.ready = False
         with pytest.raises(NotReady):
+            await ex.run_lines("k", [Line(0, "b", "/v1/completions", {"prompt": "b"})])
+        assert ex.inflight == 0
+        await ex.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("status", "error"), [(503, NotReady), (429, Overloaded)])
+def test_retryable_openai_answers_fail_the_chunk_not_the_line(status: int, error: type) -> None:
+    async def main() -> None:
+        dp = FakeDataPlane()
+
+        async def busy(url, body, *, priority=0):
+            return status, {"error": {"message": "try again", "type": "x", "code": status}}
+
+        dp.openai_call = busy  # type: ignore[method-assign]
+        ex = Executor(dp, low=1, high=4)
+        with pytest.raises(error, match="try again"):
             await ex.run_lines("k", [Line(0, "a", "/v1/completions", {"prompt": "a"})])
+        assert ex.inflight == 0
         await ex.close()
 
     asyncio.run(main())

@@ -1,4 +1,5 @@
-"""eventing/knative/*.yaml against the Knative/KServe CRDs in ../shared/crds (SinkBinding by hand)."""
+"""eventing/knative/*.yaml against the vendored Knative/KServe CRDs (SinkBinding by hand), and aimed at
+the InferenceService that inferenceservices/overlays deploy."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from predictors.manifests import validate
+from inferenceservices import kustomize
+from inferenceservices.manifests import CRD_DIR as CRDS
+from inferenceservices.manifests import validate
 
-from .fakes import SHARED
-
-KNATIVE = Path(__file__).resolve().parents[2] / "eventing" / "knative"
-CRDS = SHARED / "crds"
+ROOT = Path(__file__).resolve().parents[2]
+KNATIVE = ROOT / "eventing" / "knative"
+OVERLAYS = sorted(p.name for p in (ROOT / "inferenceservices" / "overlays").iterdir() if p.is_dir())
 FILES = ["broker-kafka.yaml", "broker-dev.yaml", "dead-letters.yaml", "triggers.yaml", "sinkbinding.yaml"]
 ISO_DURATION = re.compile(r"^PT(\d+(\.\d+)?[HMS])+$")
 
@@ -40,6 +42,16 @@ def test_brokers() -> None:
     assert classes == {"Kafka", "MTChannelBasedBroker"}
 
 
+def deployed_inference_service() -> dict:
+    """The one InferenceService every overlay deploys (same name in all of them)."""
+    objs = [o for overlay in OVERLAYS for o in kustomize.build(f"overlays/{overlay}")]
+    isvcs = [o for o in objs if o["kind"] == "InferenceService"]
+    assert len(isvcs) == len(OVERLAYS) >= 4
+    assert len({i["metadata"]["name"] for i in isvcs}) == 1
+    assert len({i["spec"]["predictor"]["timeout"] for i in isvcs}) == 1
+    return isvcs[0]
+
+
 def test_triggers_cover_every_consumed_type() -> None:
     from eventing import catalog
 
@@ -48,14 +60,43 @@ def test_triggers_cover_every_consumed_type() -> None:
     assert types == {f"dev.evllm.{name}" for name in catalog.CONSUMED}
     for t in triggers:
         spec = t["spec"]
-        assert spec["broker"] == "evllm" and spec["filter"]["attributes"]["model"] == "demo"
-        assert spec["subscriber"]["ref"] == {
-            "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "name": "evllm"}  # fmt: skip
-        assert spec["subscriber"]["uri"] == "/events"
         d = spec["delivery"]
+        assert spec["subscriber"]["uri"] == "/events"
         assert d["retry"] >= 1 and d["backoffPolicy"] == "exponential"
         assert ISO_DURATION.match(d["backoffDelay"]) and ISO_DURATION.match(d["timeout"])
-        assert d["deadLetterSink"]["ref"]["name"] == "evllm-dead-letters"
+
+
+def test_triggers_and_sinkbinding_target_what_is_deployed() -> None:
+    """Broker, dead-letter Service and InferenceService: every name is one these manifests or the overlays
+    create, so `kubectl apply -k eventing/knative` next to any overlay connects without editing."""
+    isvc = deployed_inference_service()
+    name = isvc["metadata"]["name"]
+    brokers = {docs(f)[0]["metadata"]["name"] for f in ("broker-kafka.yaml", "broker-dev.yaml")}
+    (dead_letters,) = docs("dead-letters.yaml")
+    dead_letter_ref = {
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "name": "evllm-dead-letters",
+    }
+    assert dead_letters["metadata"]["name"] == dead_letter_ref["name"]
+    for broker in ("broker-kafka.yaml", "broker-dev.yaml"):
+        assert docs(broker)[0]["spec"]["delivery"]["deadLetterSink"]["ref"] == dead_letter_ref
+    assert len(brokers) == 1  # dev and Kafka brokers are interchangeable
+    for t in docs("triggers.yaml"):
+        spec = t["spec"]
+        event = spec["filter"]["attributes"]["type"].removeprefix("dev.evllm.")
+        assert t["metadata"]["name"] == f"{name}-{event.replace('.', '-')}"
+        assert spec["broker"] in brokers
+        # The runtime serves the model under the InferenceService's name (--model_name={{.Name}}).
+        assert spec["filter"]["attributes"]["model"] == name
+        assert spec["subscriber"]["ref"] == {
+            "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "name": name}  # fmt: skip
+        assert spec["delivery"]["deadLetterSink"]["ref"] == dead_letter_ref
+        # Each attempt may wait through a cold start, as long as the InferenceService itself waits.
+        assert spec["delivery"]["timeout"] == f"PT{isvc['spec']['predictor']['timeout']}S"
+    (sb,) = docs("sinkbinding.yaml")
+    assert sb["spec"]["subject"]["selector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": name}
+    assert sb["spec"]["sink"]["ref"]["name"] in brokers
 
 
 def test_sinkbinding_shape() -> None:
@@ -67,10 +108,10 @@ def test_sinkbinding_shape() -> None:
     subject = sb["spec"]["subject"]
     assert subject["apiVersion"] == "apps/v1" and subject["kind"] == "Deployment"
     assert set(subject) == {"apiVersion", "kind", "selector"}
-    assert subject["selector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": "evllm"}
-    assert sb["spec"]["sink"] == {
-        "ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": "evllm"}
-    }
+    assert set(subject["selector"]) == {"matchLabels"}
+    assert set(sb["spec"]["sink"]) == {"ref"}
+    assert set(sb["spec"]["sink"]["ref"]) == {"apiVersion", "kind", "name"}
+    assert sb["spec"]["sink"]["ref"]["kind"] == "Broker"
 
 
 def test_the_validation_bites() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from predictors import manifests
+from inferenceservices import manifests
 
 ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZE_ROOT = ROOT / "inferenceservices"
@@ -20,9 +20,7 @@ TARGETS = {
     "cpu-dev": KUSTOMIZE_ROOT / "overlays" / "cpu-dev",
     "model-cache": KUSTOMIZE_ROOT / "overlays" / "model-cache",
 }
-# CI lays shared/ beside the clone; the vendored copies are byte-identical (test_manifests checks).
-SHARED_CRDS = ROOT.parent / "shared" / "crds"
-CRD_DIR = SHARED_CRDS if SHARED_CRDS.is_dir() else manifests.CRD_DIR
+CRD_DIR = manifests.CRD_DIR  # the vendored CRDs (inferenceservices/crds/SOURCES.md names their commits)
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from predictors import manifests
+from inferenceservices import manifests
 
 from .conftest import CRD_DIR, TARGETS, one
 
@@ -129,7 +129,7 @@ def test_runtime_container(built: dict[str, list[dict[str, Any]]], target: str) 
     (container,) = spec["containers"]
     assert container["name"] == "kserve-container"  # the name KServe merges InferenceService fields into
     assert container["image"] == GPU_IMAGE
-    assert container["command"] == ["python", "-m", "predictors"]
+    assert container["command"] == ["python", "-m", "evllm", "serve"]  # the image's ENTRYPOINT
     assert container["args"] == ["--model_name={{.Name}}", "--model_dir=/mnt/models", "--http_port=8080"]
     assert container["ports"] == [{"containerPort": 8080, "name": "http1", "protocol": "TCP"}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/models/{{.Name}}/ready", "port": 8080}

@@ -1,21 +1,25 @@
-"""`evllm render`: valid output that matches the overlays, and one clear line for every bad input."""
+"""`evllm render`: valid output, every flag patches its knob, and one clear line for every bad input.
+
+That render without flags *is* each overlay is test_render_vs_kustomize.py.
+"""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from typing import Any
 
 import pytest
 
-from predictors import manifests, render
+from inferenceservices import manifests, render
 
 from .conftest import CRD_DIR, ROOT, one
 
 
 def run_render(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "predictors.render", *argv],
+        [sys.executable, "-m", "inferenceservices.render", *argv],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -48,57 +52,13 @@ def test_render_validates(gpus: int) -> None:
         assert model["runtimeVersion"] == "0.1.0-cpu"
 
 
-def test_render_matches_the_overlays(built: dict[str, list[dict[str, Any]]]) -> None:
-    """render() and inferenceservices/ encode the same knobs: a change to one must reach the other."""
-    base_isvc = one(built["base"], "InferenceService")
-    for target, gpus, uri in [
-        ("gpu-1x", 1, "hf://Qwen/Qwen2.5-7B-Instruct"),
-        ("gpu-4x", 4, "hf://Qwen/Qwen2.5-72B-Instruct"),
-        ("cpu-dev", 0, "hf://Qwen/Qwen2.5-0.5B-Instruct"),
-    ]:
-        overlay = one(built[target], "InferenceService")
-        pred = overlay["spec"]["predictor"]
-        (rendered,) = render.render(
-            "llm",
-            uri,
-            gpus=gpus,
-            max_replicas=pred["maxReplicas"],
-            max_model_len=int(next(a for a in pred["model"]["args"] if "max-model-len" in a).split("=")[1]),
-            progress_deadline=overlay["metadata"]["annotations"]["serving.knative.dev/progress-deadline"],
-        )
-        assert rendered["metadata"]["annotations"] == overlay["metadata"]["annotations"], target
-        assert rendered["metadata"]["labels"] == overlay["metadata"]["labels"], target
-        rpred = rendered["spec"]["predictor"]
-        for key in (
-            "minReplicas",
-            "maxReplicas",
-            "scaleMetric",
-            "scaleTarget",
-            "containerConcurrency",
-            "timeout",
-        ):
-            assert rpred[key] == pred[key], (target, key)
-        for key in (
-            "modelFormat",
-            "runtime",
-            "storageUri",
-            "resources",
-            "runtimeVersion",
-            "env",
-            "volumeMounts",
-        ):
-            assert rpred["model"].get(key) == pred["model"].get(key), (target, key)
-        assert sorted(rpred["model"]["args"]) == sorted(pred["model"]["args"]), target
-        assert rpred.get("volumes") == pred.get("volumes"), target
-    # The base's own defaults are GPU defaults too.
-    assert base_isvc["spec"]["predictor"]["scaleTarget"] == 32
-
-
 def test_cluster_serving_runtime_matches_the_base(built: dict[str, list[dict[str, Any]]]) -> None:
-    assert render.cluster_serving_runtime() == one(built["base"], "ClusterServingRuntime")
+    runtime = one(built["base"], "ClusterServingRuntime")
+    assert render.cluster_serving_runtime() == runtime
+    assert runtime["spec"]["containers"][0]["image"] == f"{render.IMAGE}:{render.IMAGE_VERSION}"
 
 
-def test_triggers_route_each_event_type_of_this_model_to_events() -> None:
+def test_trigger_flags_patch_every_trigger() -> None:
     objs = render.render(
         "qwen-7b",
         "s3://models/qwen",
@@ -108,9 +68,16 @@ def test_triggers_route_each_event_type_of_this_model_to_events() -> None:
         events_prefix="com.example.llm",
         namespace="ml",
         timeout=300,
+        retry=4,
+        backoff_delay="PT2S",
         dead_letter_sink="http://dls.ml.svc.cluster.local",
     )
     triggers = [o for o in objs if o["kind"] == "Trigger"]
+    assert sorted(t["metadata"]["name"] for t in triggers) == [
+        "qwen-7b-batch-chunk",
+        "qwen-7b-batch-submitted",
+        "qwen-7b-inference-request",
+    ]
     types = sorted(t["spec"]["filter"]["attributes"]["type"] for t in triggers)
     assert types == [
         "com.example.llm.batch.chunk",
@@ -127,16 +94,98 @@ def test_triggers_route_each_event_type_of_this_model_to_events() -> None:
             "uri": "/events",
         }
         assert spec["delivery"] == {
-            "retry": 5,
+            "retry": 4,
             "backoffPolicy": "exponential",
             "backoffDelay": "PT2S",
-            "timeout": "PT300S",
+            "timeout": "PT300S",  # always the InferenceService's timeout
             "deadLetterSink": {"uri": "http://dls.ml.svc.cluster.local"},
         }
-    sink = render.render("a", "hf://o/m", triggers=True)[1]["spec"]["delivery"]["deadLetterSink"]
-    assert sink == {
-        "ref": {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": "evllm-dead-letter"}
+
+
+def test_trigger_defaults_are_the_shipped_ones() -> None:
+    """Without trigger flags: eventing/knative's Broker, dead-letter Service and per-type delivery."""
+    triggers = {
+        t["spec"]["filter"]["attributes"]["type"]: t
+        for t in render.render("a", "hf://o/m", triggers=True, dead_letter_sink="dls")
+        if t["kind"] == "Trigger"
     }
+    assert {t: d["spec"]["delivery"]["retry"] for t, d in triggers.items()} == {
+        "dev.evllm.inference.request": 3,
+        "dev.evllm.batch.submitted": 5,
+        "dev.evllm.batch.chunk": 8,
+    }
+    for t in triggers.values():
+        assert t["spec"]["broker"] == "evllm"
+        assert t["spec"]["delivery"]["backoffDelay"] == "PT0.5S"
+        assert t["spec"]["delivery"]["timeout"] == "PT600S"
+        # A name without "://" is a Knative Service in the Trigger's namespace.
+        assert t["spec"]["delivery"]["deadLetterSink"] == {
+            "ref": {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": "dls"}
+        }
+
+
+def test_predictor_flags_patch_their_knobs_only() -> None:
+    (isvc,) = render.render(
+        "llm",
+        "gs://bucket/model",
+        gpus=1,
+        min_replicas=1,
+        max_replicas=3,
+        scale_metric="rps",
+        scale_target=10,
+        container_concurrency=0,
+        timeout=120,
+        cpu="6",
+        memory="20Gi",
+        progress_deadline="45m",
+        max_model_len=4096,
+        engine_args=["--dtype=bfloat16", "--quantization=awq", "--enforce-eager"],
+    )
+    pred = isvc["spec"]["predictor"]
+    assert {k: pred[k] for k in ("minReplicas", "maxReplicas", "scaleMetric", "scaleTarget")} == {
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "scaleMetric": "rps",
+        "scaleTarget": 10,
+    }
+    assert pred["containerConcurrency"] == 0 and pred["timeout"] == 120
+    assert isvc["metadata"]["annotations"]["serving.knative.dev/progress-deadline"] == "45m"
+    model = pred["model"]
+    assert model["storageUri"] == "gs://bucket/model"
+    assert (
+        model["resources"]["requests"]
+        == model["resources"]["limits"]
+        == {
+            "cpu": "6",
+            "memory": "20Gi",
+            "nvidia.com/gpu": "1",
+        }
+    )
+    # A flag the overlay already has is replaced where it stands; new ones are appended in order.
+    assert model["args"] == [
+        "--dtype=bfloat16",
+        "--max-model-len=4096",
+        "--gpu-memory-utilization=0.90",
+        "--enable-prefix-caching",
+        "--tensor-parallel-size=1",
+        "--quantization=awq",
+        "--enforce-eager",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cpu", "memory"),
+    [(1, "8", "32Gi"), (2, "8", "32Gi"), (3, "12", "48Gi"), (4, "16", "64Gi"), (8, "32", "128Gi")],
+)
+def test_gpu_sizing_scales_from_the_overlays(gpus: int, cpu: str, memory: str) -> None:
+    """gpu-4x's per-GPU share (4 CPU, 16Gi) times the count, never below gpu-1x's 8 CPU / 32Gi."""
+    (isvc,) = render.render("llm", "hf://o/m", gpus=gpus)
+    pred = isvc["spec"]["predictor"]
+    assert pred["model"]["resources"]["limits"] == {"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)}
+    # Context length and deadline stay gpu-1x's and base's: safe for any model whatever the GPU count.
+    assert "--max-model-len=8192" in pred["model"]["args"]
+    assert isvc["metadata"]["annotations"]["serving.knative.dev/progress-deadline"] == "30m"
+    assert ("volumes" in pred) == (gpus > 1)
 
 
 def test_cli_prints_yaml_that_validates() -> None:
@@ -161,15 +210,37 @@ def test_cli_prints_yaml_that_validates() -> None:
     assert pred["model"]["storageUri"] == "pvc://model-cache/qwen"
 
 
-def test_evllm_cli_wires_render(capsys: pytest.CaptureFixture[str]) -> None:
-    """`evllm render` (predictors.cli) dispatches to the same command."""
-    from predictors import cli
-
-    args = cli.build_parser().parse_args(["render", "llm", "hf://o/m", "--gpus", "1"])
+def test_add_parser_registers_the_render_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    """What `evllm render` is wired to: a `render` subparser whose `func` runs the command."""
+    parser = argparse.ArgumentParser(prog="evllm")
+    render.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["render", "llm", "hf://o/m", "--gpus", "1"])
     assert args.func is render.run
     assert args.func(args) == 0
     (isvc,) = manifests.load_documents(capsys.readouterr().out)
     assert isvc["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_a_manifest_the_crd_rejects_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An object our checks let through but the CRD schema rejects (say, a typo in an overlay file) is
+    still one line and exit 2, with nothing on stdout."""
+    shipped = render.inference_service
+
+    def with_typo(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        isvc = shipped(*args, **kwargs)
+        isvc["spec"]["predictor"]["minReplica"] = 0
+        return isvc
+
+    monkeypatch.setattr(render, "inference_service", with_typo)
+    assert render.main(["llm", "hf://o/m"]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == (
+        "evllm render: error: invalid manifest: InferenceService/llm: spec.predictor.minReplica: "
+        "unknown field (did you mean 'minReplicas'?)\n"
+    )
 
 
 BAD_INPUTS = [
@@ -186,8 +257,12 @@ BAD_INPUTS = [
     (["--namespace", "My_NS"], "invalid namespace 'My_NS'"),
     (["--max-model-len", "0"], "--max-model-len must be at least 1"),
     (["--engine-arg=quantization=awq"], "engine flag 'quantization=awq' must start with '--'"),
-    (["--triggers", "--events-prefix", "Dev Evllm"], "invalid events prefix 'Dev Evllm'"),
+    (["--triggers", "--events_prefix", "Dev Evllm"], "invalid events prefix 'Dev Evllm'"),
     (["--triggers", "--broker", "Default"], "invalid broker name 'Default'"),
+    (["--triggers", "--retry", "-1"], "--retry must be 0 or more"),
+    (["--triggers", "--backoff-delay", "2s"], "--backoff-delay '2s' is not an ISO-8601 duration"),
+    (["--progress-deadline", "30 minutes"], "--progress-deadline '30 minutes' is not a duration"),
+    (["--gpus", "0", "--min-replicas", "2"], "--min-replicas (2) is greater than --max-replicas (1)"),
 ]
 
 
@@ -228,3 +303,11 @@ def test_argparse_errors_exit_2_without_traceback() -> None:
     out = run_render("llm", "hf://o/m", "--gpus", "four")
     assert out.returncode == 2 and out.stdout == ""
     assert "argument --gpus: invalid int value: 'four'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_shipped_events_prefix_is_the_predictors_default() -> None:
+    """render renames event types by swapping this prefix: it must be the one triggers.yaml and the
+    predictor (--events_prefix) use, or a rendered Trigger would filter on types nobody sends."""
+    from eventing import config
+
+    assert render.SHIPPED_EVENTS_PREFIX == config.DEFAULT_PREFIX

@@ -1,23 +1,23 @@
-"""Overload: a bounded number of requests per replica; past it 429 + Retry-After at once, never a queue."""
+"""Overload: a bounded number of requests per replica; past it 429 + Retry-After at once, never a queue.
+
+The Admission object, then the assembled server in-process over a slow fake engine (--max_concurrent_
+requests 2, --retry_after_seconds 2).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import json
-import threading
 
-import httpx
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
-from predictors import metrics
 from predictors.admission import Admission
-from predictors.errors import NotReady, Overloaded, install_handlers
-from predictors.middleware import Admit
-from tests.conftest import MODEL_NAME
-from tests.predictors.conftest import ADMISSION_LIMIT, RETRY_AFTER
+from predictors.errors import NotReady, Overloaded
+from tests import inprocess
+from tests.predictors.harness import MODEL_NAME, eventually, samples, scrape, sse, total, v2_body
+
+ADMISSION_LIMIT = 2
+RETRY_AFTER = 2
+ADMISSION = ["--max_concurrent_requests", str(ADMISSION_LIMIT), "--retry_after_seconds", str(RETRY_AFTER)]
 
 
 def test_admission_counts_and_refuses():
@@ -38,124 +38,139 @@ def test_admission_counts_and_refuses():
 
 
 def test_wait_idle_returns_when_the_last_request_ends():
-    asyncio.run(_wait_idle())
+    async def main() -> None:
+        adm = Admission(limit=4)
+        await asyncio.wait_for(adm.wait_idle(), 1)  # idle already
+        adm.acquire()
+        adm.acquire()
+        waiter = asyncio.ensure_future(adm.wait_idle())
+        await asyncio.sleep(0.05)
+        adm.release()
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        adm.release()
+        await asyncio.wait_for(waiter, 1)
+
+    asyncio.run(main())
 
 
-async def _wait_idle() -> None:
-    adm = Admission(limit=4)
-    adm.acquire()
-    waiter = asyncio.ensure_future(adm.wait_idle())
-    await asyncio.sleep(0.05)
-    assert not waiter.done()
-    adm.release()
-    await asyncio.wait_for(waiter, 1)
+def test_overload_is_429_with_retry_after_and_never_a_queue():
+    async def main() -> None:
+        # 0.02 s per token: a 20-token stream holds its slot for ~0.4 s.
+        async with inprocess.server(ADMISSION, delay=0.02) as s, s.client() as c:
+            before = await scrape(c)
+            body = {"text_input": "a" * 30, "parameters": {"max_tokens": 20}}
+            streams = [
+                asyncio.ensure_future(c.post(f"/v2/models/{MODEL_NAME}/generate_stream", json=body))
+                for _ in range(ADMISSION_LIMIT)
+            ]
+            await eventually(lambda: s.admission.in_flight == ADMISSION_LIMIT)
+            # Every slot is held by a stream: the next request is refused at once, not queued.
+            r = await asyncio.wait_for(
+                c.post(f"/v2/models/{MODEL_NAME}/generate", json={"text_input": "Hi"}), timeout=0.2
+            )
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] == str(RETRY_AFTER)
+            assert r.json() == {"error": "Server is at its limit of 2 concurrent requests, retry later."}
+            r = await c.post(f"/v2/models/{MODEL_NAME}/infer", json=v2_body(["Hi"]))
+            assert r.status_code == 429
+            # Health, metadata and metrics are not admission-controlled.
+            assert (await c.get("/v2/health/ready")).status_code == 200
+            assert (await c.get(f"/v2/models/{MODEL_NAME}")).status_code == 200
+            mid = await scrape(c)
+            assert total(mid, "evllm_admitted_requests") == ADMISSION_LIMIT
+            for out in await asyncio.gather(*streams):
+                assert out.status_code == 200
+                last = sse(out.text)[-1]
+                assert last["finish_reason"] == "length" and last["completion_tokens"] == 20
+            assert s.admission.in_flight == 0
+            # Two refusals never reached the engine.
+            assert len(s.engine.fake.requests) == ADMISSION_LIMIT
+            after = await scrape(c)
+            assert total(after, "evllm_admission_limit", model=MODEL_NAME) == ADMISSION_LIMIT
+            assert total(after, "evllm_admitted_requests", model=MODEL_NAME) == 0
+            rejected = total(after, "evllm_requests_rejected_total", reason="overloaded") - total(
+                before, "evllm_requests_rejected_total", reason="overloaded"
+            )
+            assert rejected == 2
+            code_429 = total(after, "evllm_requests_total", code="429") - total(
+                before, "evllm_requests_total", code="429"
+            )
+            assert code_429 == 2
+
+    asyncio.run(main())
 
 
-def _app(adm: Admission, gate: asyncio.Event) -> FastAPI:
-    app = FastAPI()
-    install_handlers(app)
+def test_a_burst_is_served_or_refused_with_429_and_nothing_else():
+    async def main() -> None:
+        async with inprocess.server(ADMISSION, delay=0.005) as s, s.client() as c:
+            before = await scrape(c)
 
-    @app.post("/work")
-    async def work(request: Request) -> JSONResponse:
-        await gate.wait()
-        return JSONResponse({"ok": True})
+            async def one(i: int) -> int:
+                r = await c.post(
+                    f"/v2/models/{MODEL_NAME}/generate",
+                    json={"text_input": f"Burst {i}", "parameters": {"max_tokens": 8}},
+                )
+                if r.status_code == 200:
+                    assert r.json()["text_output"] == f"BURST {i}"[:8]
+                return r.status_code
 
-    @app.get("/info")
-    async def info() -> JSONResponse:
-        return JSONResponse({"ok": True})
+            codes = await asyncio.gather(*(one(i) for i in range(24)))
+            assert set(codes) == {200, 429}, codes
+            assert len(s.engine.fake.requests) == codes.count(200)
+            after = samples((await c.get("/metrics")).text)
+            rejected = total(after, "evllm_requests_rejected_total", reason="overloaded") - total(
+                before, "evllm_requests_rejected_total", reason="overloaded"
+            )
+            assert rejected == codes.count(429)
+            assert s.admission.in_flight == 0
 
-    app.add_middleware(Admit, admission=adm)
-    return app
-
-
-def test_middleware_429_past_the_limit_and_get_is_not_admitted():
-    asyncio.run(_middleware_429())
-
-
-async def _middleware_429() -> None:
-    metrics.init("unit", 1)
-    adm = Admission(limit=1, retry_after=5)
-    gate = asyncio.Event()
-    transport = httpx.ASGITransport(app=_app(adm, gate))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        first = asyncio.ensure_future(client.post("/work"))
-        while adm.in_flight == 0:
-            await asyncio.sleep(0.01)
-        second = await client.post("/work")
-        assert second.status_code == 429
-        assert second.headers["retry-after"] == "5"
-        assert "limit of 1" in second.json()["error"]
-        assert (await client.get("/info")).status_code == 200
-        assert (await client.post("/v2/repository/models/m/unload")).status_code == 404
-        r = await client.post("/v2/models/m/versions/7/infer")
-        assert r.status_code == 404 and "versions are not supported" in r.json()["error"]
-        assert (await client.get("/v2/models/m?model_version=2")).status_code == 404
-        gate.set()
-        assert (await first).status_code == 200
-        assert adm.in_flight == 0
-        adm.draining = True
-        r = await client.post("/work")
-        assert r.status_code == 503 and "shutting down" in r.json()["error"]
+    asyncio.run(main())
 
 
-# Against the hardened server (admission limit 2) -----------------------------------------------------
-def _stream(url: str, headers: dict[str, str], started: threading.Event, out: list) -> None:
-    body = {"text_input": "Hello", "parameters": {"max_tokens": 200, "ignore_eos": True}}
-    with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                started.set()
-                out.append(json.loads(line[6:]))
+def test_get_is_not_admitted_and_kserve_routes_we_do_not_offer_are_404():
+    async def main() -> None:
+        async with inprocess.server(["--max_concurrent_requests", "1"], delay=0.02) as s, s.client() as c:
+            held = asyncio.ensure_future(
+                c.post(f"/v2/models/{MODEL_NAME}/generate", json={"text_input": "a" * 10})
+            )
+            await eventually(lambda: s.admission.in_flight == 1)
+            assert (await c.get(f"/v2/models/{MODEL_NAME}")).status_code == 200
+            assert (await c.get("/v2")).status_code == 200
+            # KServe would unload our only model, or answer 501 for versions: 404 here, even when full.
+            for method, path in (
+                ("POST", f"/v2/repository/models/{MODEL_NAME}/unload"),
+                ("POST", f"/v2/repository/models/{MODEL_NAME}/load"),
+                ("POST", "/v2/repository/index"),
+                ("POST", f"/v2/models/{MODEL_NAME}/versions/7/infer"),
+                ("GET", f"/v2/models/{MODEL_NAME}/versions/7"),
+                ("GET", f"/v2/models/{MODEL_NAME}/versions/7/ready"),
+                ("GET", f"/v2/models/{MODEL_NAME}?model_version=2"),
+                ("POST", f"/v2/models/{MODEL_NAME}/infer?model_version=2"),
+            ):
+                r = await c.request(method, path, json={})
+                assert r.status_code == 404, (method, path, r.status_code, r.text)
+                assert "disabled" in r.json()["error"] or "versions are not supported" in r.json()["error"]
+            assert (await held).status_code == 200
+            # The model is still there and serving.
+            assert (await c.get(f"/v2/models/{MODEL_NAME}/ready")).status_code == 200
+            assert (await c.post(f"/v2/models/{MODEL_NAME}/infer", json=v2_body(["ok"]))).status_code == 200
+
+    asyncio.run(main())
 
 
-@pytest.mark.slow
-def test_overload_is_429_with_retry_after_and_never_5xx(hardened):
-    url = f"{hardened.url}/v2/models/{MODEL_NAME}/generate_stream"
-    outs: list[list] = [[] for _ in range(ADMISSION_LIMIT)]
-    events = [threading.Event() for _ in range(ADMISSION_LIMIT)]
-    threads = [
-        threading.Thread(target=_stream, args=(url, hardened.headers, events[i], outs[i]))
-        for i in range(ADMISSION_LIMIT)
-    ]
-    for t in threads:
-        t.start()
-    for e in events:
-        assert e.wait(60)
-    # Every slot is held by a stream: the next request is refused at once, not queued.
-    r = httpx.post(
-        f"{hardened.url}/v2/models/{MODEL_NAME}/generate",
-        json={"text_input": "Hi", "parameters": {"max_tokens": 2}},
-        headers=hardened.headers,
-        timeout=10,
-    )
-    assert r.status_code == 429, r.text
-    assert r.headers["retry-after"] == str(RETRY_AFTER)
-    assert "retry later" in r.json()["error"]
-    # Health and metadata are not admission-controlled.
-    assert httpx.get(hardened.url + "/v2/health/ready", timeout=10).status_code == 200
-    for t in threads:
-        t.join(120)
-    for out in outs:
-        assert out[-1]["finish_reason"] == "length" and out[-1]["completion_tokens"] == 200
+def test_draining_refuses_new_work_with_503():
+    async def main() -> None:
+        async with inprocess.server() as s, s.client() as c:
+            s.admission.draining = True
+            for path, body in (
+                (f"/v2/models/{MODEL_NAME}/generate", {"text_input": "late"}),
+                (f"/v2/models/{MODEL_NAME}/infer", v2_body(["late"])),
+                ("/openai/v1/completions", {"prompt": "late"}),
+            ):
+                r = await c.post(path, json=body)
+                assert r.status_code == 503 and "shutting down" in r.json()["error"], (path, r.text)
+            assert s.engine.fake.requests == [] and s.openai.calls == []
+            assert (await c.get("/v2/health/live")).status_code == 200
 
-    # A burst: each request is either served or refused with 429; nothing else.
-    def one(i: int) -> int:
-        return httpx.post(
-            f"{hardened.url}/v2/models/{MODEL_NAME}/generate",
-            json={"text_input": f"Burst {i}", "parameters": {"max_tokens": 8}},
-            headers=hardened.headers,
-            timeout=60,
-        ).status_code
-
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        codes = list(pool.map(one, range(24)))
-    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
-    text = httpx.get(hardened.url + "/metrics", timeout=10).text
-    assert f'evllm_admission_limit{{model="{MODEL_NAME}"}} {float(ADMISSION_LIMIT)}' in text
-    rejected = [
-        line
-        for line in text.splitlines()
-        if line.startswith("evllm_requests_rejected_total") and 'reason="overloaded"' in line
-    ]
-    assert rejected and float(rejected[0].split()[-1]) >= 1 + codes.count(429)
+    asyncio.run(main())

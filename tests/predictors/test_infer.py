@@ -1,29 +1,278 @@
-"""OIP V2 infer and KServe V1 predict against the real server, with tritonclient.http and httpx."""
+"""OIP V2 infer and KServe V1 predict: in-process over the fake engine (JSON and binary tensors, metadata,
+client errors), token-exact against vLLM's offline output on the session server (tritonclient, httpx)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.conftest import MODEL_NAME, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS
+from tests import inprocess
+from tests.conftest import REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS
+from tests.predictors.harness import MODEL_NAME, refused, v2_body
 
-pytestmark = pytest.mark.slow
 GREEDY = {"max_tokens": REFERENCE_MAX_TOKENS, "temperature": 0}
+OUTPUTS = ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")
 
 
-def _client(server):
-    return triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+def _outputs(body: dict[str, Any]) -> dict[str, list[Any]]:
+    return {o["name"]: o["data"] for o in body["outputs"]}
 
 
+def test_v2_infer_n_prompts():
+    async def main() -> None:
+        async with inprocess.server() as s, s.client() as c:
+            r = await c.post(
+                f"/v2/models/{MODEL_NAME}/infer",
+                json={**v2_body(["Hello", "Hi"], {"max_tokens": 3}), "id": "my-id"},
+                headers={"x-request-id": "rid-1"},
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model_name"] == MODEL_NAME and body["id"] == "my-id"
+            assert [(o["name"], o["datatype"], o["shape"]) for o in body["outputs"]] == [
+                ("text_output", "BYTES", [2]),
+                ("finish_reason", "BYTES", [2]),
+                ("prompt_tokens", "INT32", [2]),
+                ("completion_tokens", "INT32", [2]),
+            ]
+            assert _outputs(body) == {
+                "text_output": ["HEL", "HI"],
+                "finish_reason": ["length", "eos_token"],
+                "prompt_tokens": [5, 2],
+                "completion_tokens": [3, 2],
+            }
+            # One engine request per prompt, named after the request id.
+            assert sorted(s.engine.fake.requests) == ["rid-1-0", "rid-1-1"]
+            # Shape [N, 1] is accepted too; a request without an id gets the request id back.
+            r = await c.post(
+                f"/v2/models/{MODEL_NAME}/infer",
+                json=v2_body([["a"], ["b"]], shape=[2, 1]),
+                headers={"x-request-id": "rid-2"},
+            )
+            assert r.status_code == 200 and _outputs(r.json())["text_output"] == ["A", "B"]
+            assert r.json()["id"] == "rid-2"
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("binary_output", [False, True])
+def test_v2_infer_binary_tensors_as_tritonclient_sends_them(binary_output: bool):
+    inp = triton.InferInput("text_input", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(["Hello", "héllo"], dtype=object), binary_data=True)
+    outputs = [triton.InferRequestedOutput(name, binary_data=binary_output) for name in OUTPUTS]
+    body, json_size = triton.InferenceServerClient.generate_request_body(
+        [inp], outputs=outputs, parameters={"max_tokens": 4}
+    )
+
+    async def main() -> tuple[bytes, dict[str, str]]:
+        async with inprocess.server() as s, s.client() as c:
+            # tritonclient sends no Content-Type for JSON: the server treats it as JSON.
+            headers = {} if json_size is None else {"Inference-Header-Content-Length": str(json_size)}
+            r = await c.post(f"/v2/models/{MODEL_NAME}/infer", content=body, headers=headers)
+            assert r.status_code == 200, r.text
+            return r.content, dict(r.headers)
+
+    content, headers = asyncio.run(main())
+    header_length = headers.get("inference-header-content-length")
+    res = triton.InferResult.from_response_body(
+        content, header_length=None if header_length is None else int(header_length)
+    )
+    texts = [t.decode() if isinstance(t, bytes) else t for t in res.as_numpy("text_output")]
+    assert texts == ["HELL", "HÉLL"]
+    assert list(res.as_numpy("completion_tokens")) == [4, 4]
+    assert list(res.as_numpy("prompt_tokens")) == [5, 5]
+    reasons = [r.decode() if isinstance(r, bytes) else r for r in res.as_numpy("finish_reason")]
+    assert reasons == ["length", "length"]
+
+
+def test_v2_infer_without_content_type_is_json():
+    # tritonclient sends JSON infer requests without a Content-Type.
+    async def main() -> None:
+        async with inprocess.server() as s, s.client() as c:
+            r = await c.post(f"/v2/models/{MODEL_NAME}/infer", content=json.dumps(v2_body(["ok"])).encode())
+            assert "content-type" not in r.request.headers
+            assert r.status_code == 200, r.text
+            assert _outputs(r.json())["text_output"] == ["OK"]
+
+    asyncio.run(main())
+
+
+def test_server_and_model_metadata():
+    async def main() -> None:
+        async with inprocess.server() as s, s.client() as c:
+            meta = (await c.get(f"/v2/models/{MODEL_NAME}")).json()
+            assert meta["name"] == MODEL_NAME
+            assert meta["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}]
+            assert [o["name"] for o in meta["outputs"]] == list(OUTPUTS)
+            assert (await c.get("/v2")).json()["name"]
+            assert (await c.get(f"/v2/models/{MODEL_NAME}/ready")).json()["ready"] is True
+            assert (await c.get(f"/v1/models/{MODEL_NAME}")).json()["ready"] is True
+            r = await c.get("/v2/models/nope")
+            assert r.status_code == 404 and "nope" in r.json()["error"]
+            assert s.engine.fake.requests == []
+
+    asyncio.run(main())
+
+
+def _text(
+    data: list[Any], shape: list[int] | None = None, datatype: str = "BYTES", name: str = "text_input"
+) -> dict:
+    return {"name": name, "datatype": datatype, "shape": shape or [len(data)], "data": data}
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"inputs": [_text([1], datatype="INT32")]}, "datatype BYTES"),
+        ({"inputs": [_text(["a"], shape=[2])]}, "shape [2] but 1 elements"),
+        ({"inputs": [_text(["a"], shape=[1, 2])]}, "shape [N] or [N, 1]"),
+        ({"inputs": [_text([], shape=[0])]}, "N >= 1"),
+        ({"inputs": [_text(["a"], name="prompt")]}, "named 'text_input'"),
+        ({"inputs": [_text(["a"]), _text(["b"])]}, "exactly one input"),
+        ({"inputs": [_text([""])]}, "prompt 0 is empty"),
+        ({"inputs": [_text([5])]}, "text_input[0] must be a string"),
+        ({"inputs": [_text(["a"])], "parameters": {"temperature": "hot"}}, "parameters.temperature"),
+        ({"inputs": [_text(["a"])], "parameters": {"max_tokenz": 3}}, "unknown parameter"),
+        ({"inputs": [_text(["a"])], "parameters": {"top_k": -7}}, "top_k"),
+        ({"inputs": [_text(["a"])], "parameters": {"max_tokens": 5000}}, "maximum context length"),
+        ({"inputs": [_text(["hello " * 1500])]}, "maximum context length"),
+        ({"inputs": "text_input"}, "inputs"),
+        ({}, "inputs"),
+    ],
+)
+def test_v2_infer_client_errors_are_400_json(body: dict[str, Any], needle: str):
+    refused(f"/v2/models/{MODEL_NAME}/infer", 400, needle, json=body)
+
+
+def test_v2_infer_malformed_bodies_and_unknown_model():
+    async def main() -> None:
+        async with inprocess.server() as s, s.client() as c:
+            r = await c.post(f"/v2/models/{MODEL_NAME}/infer", content=b"{not json")
+            assert r.status_code == 400 and isinstance(r.json()["error"], str)
+            r = await c.post("/v2/models/nope/infer", json=v2_body(["a"]))
+            assert r.status_code == 404 and "nope" in r.json()["error"]
+            assert s.engine.fake.requests == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"1.5",  # a JSON header that is not an infer request
+        b"{}",
+        # a BYTES tensor whose length prefix claims more bytes than follow
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "text_input",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ]
+            }
+        ).encode()
+        + b"\xff\x00\x00\x00ab",
+    ],
+)
+def test_v2_binary_requests_kserve_cannot_decode_are_400(content: bytes):
+    """KServe decodes binary-tensor requests before evllm sees them; its failures are the client's 400."""
+    header = content.split(b"\xff")[0]
+
+    async def main() -> None:
+        async with inprocess.server() as s, s.client() as c:
+            r = await c.post(
+                f"/v2/models/{MODEL_NAME}/infer",
+                content=content,
+                headers={"inference-header-content-length": str(len(header))},
+            )
+            assert r.status_code == 400 and isinstance(r.json()["error"], str), r.text
+            assert s.engine.fake.requests == []
+
+    asyncio.run(main())
+
+
+def test_v1_predict_strings_and_objects():
+    async def main() -> None:
+        async with inprocess.server() as s, s.client() as c:
+            body = {
+                "instances": ["Hello", {"prompt": "World", "max_tokens": 2}, {"prompt": "abc"}],
+                "parameters": {"max_tokens": 4},
+            }
+            r = await c.post(f"/v1/models/{MODEL_NAME}:predict", json=body, headers={"x-request-id": "v1"})
+            assert r.status_code == 200, r.text
+            assert r.json() == {
+                "predictions": [
+                    {
+                        "text_output": "HELL",
+                        "finish_reason": "length",
+                        "prompt_tokens": 5,
+                        "completion_tokens": 4,
+                    },
+                    {
+                        "text_output": "WO",
+                        "finish_reason": "length",
+                        "prompt_tokens": 5,
+                        "completion_tokens": 2,
+                    },
+                    {
+                        "text_output": "ABC",
+                        "finish_reason": "eos_token",
+                        "prompt_tokens": 3,
+                        "completion_tokens": 3,
+                    },
+                ]
+            }
+            # Instances that share parameters share one batch; an instance's own values make its own.
+            assert sorted(s.engine.fake.requests) == ["v1-0-0", "v1-0-1", "v1-1-0"]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"instances": []}, "at least one instance"),
+        ({"inputs": ["a"]}, "instances"),
+        ({"instances": [5]}, "instances[0]"),
+        ({"instances": [{"text": "a"}]}, "instances[0]"),
+        ({"instances": ["a"], "parameters": {"seed": "x"}}, "parameters.seed"),
+        ({"instances": ["a"], "parameters": [1]}, "parameters must be a JSON object"),
+        ({"instances": [{"prompt": "a", "temprature": 1}]}, "parameters.temprature: unknown parameter"),
+    ],
+)
+def test_v1_client_errors_are_400(body: dict[str, Any], needle: str):
+    refused(f"/v1/models/{MODEL_NAME}:predict", 400, needle, json=body)
+
+
+def test_v1_malformed_json_and_unknown_model():
+    async def main() -> None:
+        async with inprocess.server() as s, s.client() as c:
+            r = await c.post(f"/v1/models/{MODEL_NAME}:predict", content=b"{nope")
+            assert r.status_code == 400 and isinstance(r.json()["error"], str)
+            r = await c.post("/v1/models/nope:predict", json={"instances": ["a"]})
+            assert r.status_code == 404 and "nope" in r.json()["error"]
+
+    asyncio.run(main())
+
+
+# Token-exact on the real engine --------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", [False, True])
-def test_v2_infer_n_prompts_with_tritonclient(server, offline_reference, binary):
-    client = _client(server)
+def test_v2_infer_matches_offline_with_tritonclient(server, offline_reference, binary):
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL_NAME)
     inp = triton.InferInput("text_input", [len(REFERENCE_PROMPTS)], "BYTES")
     inp.set_data_from_numpy(np.array(REFERENCE_PROMPTS, dtype=object), binary_data=binary)
-    outputs = [
-        triton.InferRequestedOutput(name, binary_data=binary)
-        for name in ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")
-    ]
+    outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in OUTPUTS]
     res = client.infer(MODEL_NAME, [inp], outputs=outputs, parameters=GREEDY)
     texts = [t.decode() if isinstance(t, bytes) else t for t in res.as_numpy("text_output")]
     assert texts == [r["text"] for r in offline_reference]
@@ -33,70 +282,8 @@ def test_v2_infer_n_prompts_with_tritonclient(server, offline_reference, binary)
     assert set(reasons) <= {"length", "eos_token"}
 
 
-def test_server_and_model_metadata(server):
-    client = _client(server)
-    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL_NAME)
-    meta = client.get_model_metadata(MODEL_NAME)
-    assert meta["name"] == MODEL_NAME
-    assert meta["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}]
-    assert {o["name"] for o in meta["outputs"]} == {
-        "text_output",
-        "finish_reason",
-        "prompt_tokens",
-        "completion_tokens",
-    }
-    assert httpx.get(server.url + "/v2").json()["name"]
-
-
-def _infer(server, body, model=MODEL_NAME, **kw):
-    return httpx.post(f"{server.url}/v2/models/{model}/infer", timeout=60, **kw, json=body)
-
-
-def _text(data, shape=None, datatype="BYTES", name="text_input"):
-    return {"name": name, "datatype": datatype, "shape": shape or [len(data)], "data": data}
-
-
-@pytest.mark.parametrize(
-    ("body", "status", "needle"),
-    [
-        ({"inputs": [_text([1], datatype="INT32")]}, 400, "datatype BYTES"),
-        ({"inputs": [_text(["a"], shape=[2])]}, 400, "shape [2] but 1 elements"),
-        ({"inputs": [_text(["a"], shape=[1, 2])]}, 400, "shape [N] or [N, 1]"),
-        ({"inputs": [_text(["a"], name="prompt")]}, 400, "named 'text_input'"),
-        ({"inputs": [_text(["a"]), _text(["b"])]}, 400, "exactly one input"),
-        ({"inputs": [_text([""])]}, 400, "prompt 0 is empty"),
-        ({"inputs": [_text(["a"])], "parameters": {"temperature": "hot"}}, 400, "parameters.temperature"),
-        ({"inputs": [_text(["a"])], "parameters": {"max_tokenz": 3}}, 400, "unknown parameter"),
-        ({"inputs": [_text(["a"])], "parameters": {"top_k": -7}}, 400, "top_k"),
-        ({"inputs": [_text(["a"])], "parameters": {"max_tokens": 5000}}, 400, "max_tokens"),
-        ({"inputs": "text_input"}, 400, "inputs"),
-        ({}, 400, "inputs"),
-    ],
-)
-def test_v2_infer_client_errors_are_400_json(server, body, status, needle):
-    r = _infer(server, body)
-    assert r.status_code == status, r.text
-    assert needle in r.json()["error"]
-
-
-def test_v2_infer_malformed_json_is_400(server):
-    r = httpx.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", content=b"{not json", timeout=30)
-    assert r.status_code == 400 and "error" in r.json()
-
-
-def test_v2_infer_prompt_longer_than_context_is_400(server):
-    r = _infer(server, {"inputs": [_text(["hello " * 1500])]})
-    assert r.status_code == 400, r.text
-    assert "maximum context length" in r.json()["error"]
-
-
-def test_v2_unknown_model_is_404(server):
-    r = _infer(server, {"inputs": [_text(["a"])]}, model="nope")
-    assert r.status_code == 404 and "nope" in r.json()["error"]
-    assert httpx.get(f"{server.url}/v2/models/nope").status_code == 404
-
-
-def test_v1_predict_strings_and_objects(server, offline_reference):
+@pytest.mark.slow
+def test_v1_predict_matches_offline(server, offline_reference):
     body = {
         "instances": [REFERENCE_PROMPTS[0], {"prompt": REFERENCE_PROMPTS[1], "max_tokens": 4}],
         "parameters": GREEDY,
@@ -108,23 +295,3 @@ def test_v1_predict_strings_and_objects(server, offline_reference):
     assert second["completion_tokens"] == 4 and second["finish_reason"] == "length"
     # A per-instance max_tokens of 4 is a prefix of the 16-token greedy answer.
     assert offline_reference[1]["text"].startswith(second["text_output"])
-
-
-@pytest.mark.parametrize(
-    ("body", "needle"),
-    [
-        ({"instances": []}, "at least one instance"),
-        ({"inputs": ["a"]}, "instances"),
-        ({"instances": [5]}, "instances[0]"),
-        ({"instances": ["a"], "parameters": {"seed": "x"}}, "parameters.seed"),
-    ],
-)
-def test_v1_client_errors_are_400(server, body, needle):
-    r = httpx.post(f"{server.url}/v1/models/{MODEL_NAME}:predict", json=body, timeout=30)
-    assert r.status_code == 400, r.text
-    assert needle in r.json()["error"]
-
-
-def test_v1_unknown_model_is_404(server):
-    r = httpx.post(f"{server.url}/v1/models/nope:predict", json={"instances": ["a"]}, timeout=30)
-    assert r.status_code == 404

@@ -1,4 +1,6 @@
-"""OpenAI completions/chat/models through vLLM's own serving classes, with the openai client."""
+"""OpenAI completions/chat/models through vLLM's own serving classes, with the openai client, on the
+session server (the in-process server's OpenAI sub-app is a fake: auth, limits and admission in front of it
+are tested in test_auth, test_limits and test_admission)."""
 
 import openai
 import pytest
@@ -54,7 +56,7 @@ def test_chat_uses_the_models_chat_template(client):
     assert res.choices[0].message.role == "assistant"
 
 
-def test_chat_stream(client):
+def test_chat_stream_joins_to_the_unary_answer(client):
     stream = client.chat.completions.create(
         model=MODEL_NAME,
         messages=[{"role": "user", "content": "hi"}],

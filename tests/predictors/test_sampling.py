@@ -1,6 +1,6 @@
 import pytest
 
-from predictors.errors import InvalidInput, ValidationFailed
+from predictors.errors import InvalidInput
 from predictors.sampling import DEFAULT_MAX_TOKENS, parse_parameters, to_sampling_params
 
 
@@ -34,5 +34,13 @@ def test_bad_parameters_name_the_problem(raw, needle):
 
 
 def test_engine_side_validation_is_a_client_error():
-    with pytest.raises(ValidationFailed, match="top_k"):
-        to_sampling_params(parse_parameters({"top_k": -7}), error=ValidationFailed)
+    # Parameters pydantic accepts but vLLM's SamplingParams refuses: still the client's mistake.
+    with pytest.raises(InvalidInput, match=r"^parameters: .*top_k"):
+        to_sampling_params(parse_parameters({"top_k": -7}))
+
+
+def test_streams_get_deltas_and_single_answers_the_final_output():
+    from vllm.sampling_params import RequestOutputKind
+
+    assert to_sampling_params(parse_parameters(None), stream=True).output_kind == RequestOutputKind.DELTA
+    assert to_sampling_params(parse_parameters({})).output_kind == RequestOutputKind.FINAL_ONLY

@@ -1,0 +1,34 @@
+"""Eventing as a server extension: its settings, ``POST /events`` and how the server treats it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from predictors.extension import RoutePolicy
+
+from . import metrics, routes
+from .config import EventingConfig
+
+
+class Eventing:
+    title = "eventing"
+    description = "CloudEvents endpoint (POST /events) and batch jobs"
+    settings = EventingConfig
+    protocols: tuple[str, ...] = (metrics.EVENTS_PROTOCOL, metrics.BATCH_PROTOCOL)
+
+    def policies(self, settings: EventingConfig) -> list[RoutePolicy]:
+        # Events are not online load: batch chunks arrive through them and must not slow themselves.
+        return [
+            RoutePolicy(
+                routes.EVENTS_PATH,
+                metrics.EVENTS_PROTOCOL,
+                max_body_bytes=settings.max_event_bytes,
+                online=False,
+            )
+        ]
+
+    def attach(self, app: FastAPI, dataplane: Any, settings: EventingConfig) -> None:
+        metrics.init()
+        routes.attach(app, dataplane, settings)

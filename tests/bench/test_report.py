@@ -1,0 +1,104 @@
+"""bench/report.py on a synthetic A/B run (no servers): medians, per-repeat ratios, targets, markdown."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from bench.report import summarize, write
+
+
+def online(rep: int, server: str, protocol: str, c: int, tok_s: float, p50: float) -> dict[str, Any]:
+    return {"repeat": rep, "server": server, "protocol": protocol, "concurrency": c, "duration": 10.0,
+            "requests": 100, "errors": 0, "req_s": tok_s / 32, "tok_s": tok_s, "p50": p50, "p95": 2 * p50,
+            "p99": 3 * p50}  # fmt: skip
+
+
+def results() -> dict[str, Any]:
+    rows = []
+    for rep, scale in ((0, 1.0), (1, 2.0)):  # the second repeat on a twice faster machine
+        for c in (1, 16):
+            rows.append(online(rep, "vllm", "openai", c, 1000 * scale, 0.100 / scale))
+            rows.append(online(rep, "evllm", "openai", c, 1100 * scale, 0.102 / scale))
+            rows.append(online(rep, "evllm", "v2-infer", c, 1000 * scale, 0.100 / scale))
+            rows.append(online(rep, "evllm", "v2-generate", c, 1200 * scale, 0.090 / scale))
+    batch = []
+    for rep in (0, 1):
+        # run_batch: 20 s + 100 s for 1000 more lines; evllm: 2 s + 105 s (after a 10 s cold start).
+        batch += [
+            {"repeat": rep, "runner": "run_batch", "lines": 100, "seconds": 20.0, "ok": 100, "tokens": 3200},
+            {"repeat": rep, "runner": "run_batch", "lines": 1100, "seconds": 120.0, "ok": 1100, "tokens": 35200},
+            {"repeat": rep, "runner": "evllm", "lines": 100, "seconds": 2.0, "ok": 100, "tokens": 3200,
+             "cold_start": 10.0},
+            {"repeat": rep, "runner": "evllm", "lines": 1100, "seconds": 107.0, "ok": 1100, "tokens": 35200,
+             "cold_start": 10.0},
+        ]  # fmt: skip
+    priority = []
+    for rep in (0, 1):
+        priority += [{**online(rep, "evllm", "openai", 4, 500, 0.05), "state": "idle"},
+                     {**online(rep, "evllm", "openai", 4, 450, 0.06), "state": "batch",
+                      "batch_running_throughout": True}]  # fmt: skip
+    return {
+        "config": {
+            "concurrencies": [1, 16],
+            "batch_small": 100,
+            "batch_big": 1100,
+            "chunk_size": 1024,
+            "engine_args": ["--dtype", "float32"],
+            "vllm_policy": "priority",
+            "env": {},
+            "warmup": 2.0,
+            "duration": 10.0,
+            "priority_concurrency": 4,
+            "priority_lines": 4000,
+            "repeats": 2,
+        },
+        "machine": {"nproc": "2", "cpu": "x", "mem_gib": 8, "python": "3.11", "kernel": "k", "vllm": "v"},
+        "online": rows,
+        "cold_start": [
+            {"repeat": r, "server": s, "seconds": t}
+            for r in (0, 1)
+            for s, t in (("vllm", 10.0), ("evllm", 10.2))
+        ],
+        "batch": batch,
+        "priority": priority,
+    }
+
+
+def test_summary_ratios_are_per_repeat_and_targets_judge_them() -> None:
+    s = summarize(results())
+    targets = {t["target"]: t for t in s["targets"]}
+    assert math.isclose(targets["OpenAI throughput ratio, c=16"]["value"], 1.1)
+    assert math.isclose(targets["OpenAI p50 ratio, c=1"]["value"], 1.02)
+    assert math.isclose(targets["V2 generate / vllm OpenAI throughput, c=16"]["value"], 1.2)
+    assert math.isclose(targets["V2 infer / vllm OpenAI throughput, c=16"]["value"], 1.0)
+    # Marginal: 1000 lines / 32000 tokens in 100 s (run_batch) vs 105 s (evllm).
+    assert math.isclose(targets["batch marginal tok/s / run-batch"]["value"], 100 / 105)
+    assert math.isclose(targets["online p95 under batch / idle"]["value"], 1.2)
+    assert math.isclose(targets["cold start evllm / vllm serve"]["value"], 1.02)
+    met = {name: t["met"] for name, t in targets.items()}
+    assert met == {
+        "OpenAI throughput ratio, c=16": True,
+        "OpenAI p50 ratio, c=1": True,
+        "V2 generate / vllm OpenAI throughput, c=16": True,
+        "V2 infer / vllm OpenAI throughput, c=16": True,
+        "batch marginal tok/s / run-batch": True,
+        "online p95 under batch / idle": True,
+        "cold start evllm / vllm serve": True,
+    }
+    # End to end incl. the engine start: evllm 117 s vs run_batch 120 s for the big job.
+    assert math.isclose(s["batch"]["e2e_ratio_with_start"], 120 / 117)
+
+
+def test_markdown_has_every_section(tmp_path: Path) -> None:
+    write(results(), tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# evllm vs `vllm serve` / `vllm run-batch`")
+    assert "2 repeat(s), sessions alternated vllm serve / evllm (A B A B)" in md
+    for section in ("## Targets", "## Online (closed loop)", "## Batch (1100 and 100", "## Priority (",
+                    "## Cold start"):  # fmt: skip
+        assert section in md
+    assert "| 16 | evllm V2 generate | 56.2 | 1800 |" in md  # medians of the two repeats
+    assert "| evllm+start | 12.0 | 117.0 |" in md
+    assert "not measured" not in md

@@ -1,0 +1,60 @@
+"""`make serve`, the README's first command, on the real engine: the session server is started with its
+command line and no VLLM_* variable (issue: the CPU engine used to refuse to start without one)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL_NAME
+from tests.server import ROOT, ServerProcess
+
+
+def make_serve_args() -> list[str]:
+    """The flags of the Makefile's `serve` recipe, with its variables' defaults filled in."""
+    makefile = (ROOT / "Makefile").read_text()
+    defaults = dict(re.findall(r"^(\w+) \?= (\S+)$", makefile, re.M))
+    recipe = re.search(r"^serve:.*\n\t\$\(VENV\)/bin/evllm serve (.*)$", makefile, re.M)
+    assert recipe, "Makefile has no `serve` recipe running evllm serve"
+    args = re.sub(r"\$\((\w+)\)", lambda m: defaults[m[1]], recipe[1]).split()
+    return [a for a in args if a not in ("--http_port", defaults["PORT"])]
+
+
+@pytest.mark.slow
+def test_the_session_server_runs_make_serves_command(server: ServerProcess) -> None:
+    assert make_serve_args() == ["--model_name", "demo", "--model_dir", "demo"]
+    assert server.args == make_serve_args()
+    assert not [k for k in server.env if k.startswith("VLLM_")]
+
+
+@pytest.mark.slow
+def test_it_chose_a_kv_cache_and_serves_a_generation(server: ServerProcess) -> None:
+    log = server.log_path.read_text(errors="replace")
+    chosen = [json.loads(line) for line in log.splitlines() if '"KV cache on CPU' in line]
+    assert len(chosen) == 1 and "all the engine can use" in chosen[0]["message"], log[-3000:]
+    r = httpx.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/generate",
+        json={"text_input": "Hello world", "parameters": {"max_tokens": 8, "temperature": 0}},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.json()["completion_tokens"] == 8
+    # Liveness answered while the engine was still starting (KServe's probes during a long cold start).
+    assert server.live_before_ready
+
+
+def test_an_engine_that_cannot_start_exits_1_with_one_line(cache_dir) -> None:
+    """Refused before the engine processes start (no engine lock needed, no engine started). The mapping
+    of vLLM's own startup errors to a flag is unit-tested (tests/predictors)."""
+    proc = ServerProcess(
+        ["--model_name", MODEL_NAME, "--model_dir", "demo", "--kv-cache-memory-bytes", "100000G"],
+        env={"EVLLM_CACHE_DIR": str(cache_dir)},
+        log_name="cannot-start",
+    )
+    with pytest.raises(RuntimeError, match="server exited with 1"):
+        proc.start(timeout=300)
+    last = proc.tail(1)
+    assert last.startswith("evllm serve: engine failed to start: the KV cache asked for"), last
+    assert "--kv-cache-memory-bytes" in last

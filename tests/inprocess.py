@@ -1,0 +1,210 @@
+"""The real server, in-process and engine-free: `predictors.server.assemble` over a fake engine.
+
+Everything but the engine is the production code: KServe's own V1/V2 routes and error handlers, evllm's
+middleware (auth, limits, admission, logs, metrics), the data plane, the generate router and any
+extension (eventing's /events). The fake engine stands in for vLLM's AsyncLLM: one token per character,
+the prompt echoed back upper-cased, so tests can predict every output and limit. Tests that need the
+real engine (token-exact output, disconnect aborts, kill/restart, SIGTERM) use the session server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from predictors.dataplane import DataPlane
+from predictors.engine import Engine
+from predictors.errors import InvalidInput
+from predictors.extension import Extension
+from predictors.model import EvllmModel, strict_decode
+from predictors.server import Settings, assemble, build_parser, read_settings
+
+MODEL_NAME = "demo"
+MAX_MODEL_LEN = 64
+
+
+@dataclass
+class FakeCompletion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: Any = None
+
+
+@dataclass
+class FakeOutput:
+    outputs: list[FakeCompletion]
+    prompt_token_ids: list[int]
+    finished: bool
+
+
+@dataclass
+class FakeClient:
+    """AsyncLLM's surface the server uses: generate, errored, model_config."""
+
+    delay: float = 0.0  # seconds per generated token
+    errored: bool = False
+    requests: list[str] = field(default_factory=list)  # request ids, in submission order
+    priorities: list[int] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)  # consumers that went away before the end
+    model_config: Any = field(
+        default_factory=lambda: SimpleNamespace(
+            max_model_len=MAX_MODEL_LEN, get_diff_sampling_param=lambda: {}
+        )
+    )
+
+    async def generate(
+        self, prompt: Any, sampling_params: Any, request_id: str, *, priority: int = 0, **_: Any
+    ) -> AsyncIterator[FakeOutput]:
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = list(prompt["prompt_token_ids"])
+        text = "".join(chr(i) for i in ids).upper()
+        n = min(sampling_params.max_tokens or len(text), len(text))
+        finish = "length" if n < len(text) else "stop"
+        self.requests.append(request_id)
+        self.priorities.append(priority)
+        delta = sampling_params.output_kind == RequestOutputKind.DELTA
+        done = False
+        try:
+            for i in range(n):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                last = i == n - 1
+                if delta:
+                    yield FakeOutput([FakeCompletion(text[i], [ord(text[i])], finish if last else None)],
+                                     ids, last)  # fmt: skip
+                elif last:
+                    yield FakeOutput(
+                        [FakeCompletion(text[:n], [ord(c) for c in text[:n]], finish)], ids, True
+                    )
+            done = True
+        finally:
+            if not done:
+                self.aborted.append(request_id)
+
+
+class FakeEngine(Engine):
+    """`Engine` with the AsyncLLM replaced: readiness, draining and the hooks are the real ones."""
+
+    def __init__(self, *, delay: float = 0.0):
+        super().__init__(argparse.Namespace(model="fake"))
+        self.fake = FakeClient(delay=delay)
+
+    async def start(self) -> None:
+        self.client = self.fake
+
+    async def tokenize(self, texts: list[str], max_tokens: int = 0) -> list[Any]:
+        out = []
+        for t in texts:
+            ids = [ord(c) for c in t]
+            if len(ids) + max_tokens > MAX_MODEL_LEN:
+                raise InvalidInput(
+                    f"This model's maximum context length is {MAX_MODEL_LEN} tokens; the prompt has "
+                    f"{len(ids)} and max_tokens is {max_tokens}"
+                )
+            out.append({"prompt_token_ids": ids})
+        return out
+
+
+class FakeOpenAI:
+    """`OpenAIServer`'s surface: an ASGI sub-app and in-process calls (vLLM's serving classes need an
+    engine; their own behaviour is tested against the session server)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, int]] = []
+        self.app = FastAPI(openapi_url=None)
+
+        @self.app.post("/v1/completions")
+        async def completions(request: Request) -> JSONResponse:
+            status, body = await self.call("/v1/completions", await request.json())
+            return JSONResponse(body, status_code=status)
+
+        @self.app.post("/v1/chat/completions")
+        async def chat(request: Request) -> JSONResponse:
+            status, body = await self.call("/v1/chat/completions", await request.json())
+            return JSONResponse(body, status_code=status)
+
+    async def start(self) -> None:
+        return None
+
+    async def call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]:
+        self.calls.append((url, body, priority))
+        if not isinstance(body, dict) or body.get("prompt") == "bad":
+            return 400, {"error": {"message": "bad prompt", "type": "BadRequestError", "code": 400}}
+        if url == "/v1/chat/completions":
+            text = str(body["messages"][-1]["content"]).upper()
+            return 200, {
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "length"}],
+                "usage": {"prompt_tokens": len(text), "completion_tokens": len(text)},
+            }  # fmt: skip
+        return 200, {"object": "text_completion", "choices": [{"text": str(body.get("prompt", "")).upper()}]}
+
+
+def settings(argv: Sequence[str] = (), extensions: Sequence[Extension] = ()) -> Settings:
+    """Settings exactly as `evllm serve` parses its own flags (engine flags are the engine's business)."""
+    parser = build_parser(extensions)
+    return read_settings(parser, parser.parse_args(["--model_name", MODEL_NAME, *argv]), extensions)
+
+
+def kserve_routes(app: FastAPI, model: EvllmModel) -> None:
+    """KServe's own V1/V2 routes and exception handlers, registered the way its RESTServer does."""
+    from kserve.model_repository import ModelRepository
+    from kserve.protocol.dataplane import DataPlane as KServeDataPlane
+    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+    from kserve.protocol.rest.server import RESTServer
+
+    repository = ModelRepository()
+    repository.update(model)
+    kserve_dataplane = KServeDataPlane(model_registry=repository)
+    strict_decode(kserve_dataplane)  # as predictors.server's ModelServer does
+    kserve = SimpleNamespace(
+        dataplane=kserve_dataplane,
+        model_repository_extension=ModelRepositoryExtension(model_registry=repository),
+    )
+    RESTServer._register_endpoints(kserve, app)
+    RESTServer._add_exception_handlers(kserve, app)
+
+
+@dataclass
+class InProcess:
+    app: FastAPI
+    dataplane: DataPlane
+    engine: FakeEngine
+    openai: FakeOpenAI
+    admission: Any
+    settings: Settings
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=self.app)
+        return httpx.AsyncClient(transport=transport, base_url="http://predictor", **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def server(
+    argv: Sequence[str] = (), *, extensions: Sequence[Extension] = (), delay: float = 0.0, start: bool = True
+) -> AsyncIterator[InProcess]:
+    """The assembled app over a fake engine; ``start=False`` leaves the engine "starting" (503s)."""
+    s = settings(argv, extensions)
+    engine = FakeEngine(delay=delay)
+    openai = FakeOpenAI()
+    dataplane = DataPlane(engine, MODEL_NAME, openai=openai)  # type: ignore[arg-type]
+    app = FastAPI()
+    model = EvllmModel(MODEL_NAME, dataplane)
+    admission = assemble(app, dataplane, s, extensions)
+    kserve_routes(app, model)
+    if start:
+        await dataplane.start()
+    async with app.router.lifespan_context(app):
+        yield InProcess(app, dataplane, engine, openai, admission, s)
