@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI
 
 from predictors.extension import RoutePolicy
 
 from . import metrics, routes
 from .config import EventingConfig
+from .dataplane import DataPlaneView
 
 
 class Eventing:
@@ -29,6 +28,6 @@ class Eventing:
             )
         ]
 
-    def attach(self, app: FastAPI, dataplane: Any, settings: EventingConfig) -> None:
+    def attach(self, app: FastAPI, dataplane: DataPlaneView, settings: EventingConfig) -> None:
         metrics.init()
         routes.attach(app, dataplane, settings)

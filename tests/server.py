@@ -20,10 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINE_LOCK = Path(tempfile.gettempdir()) / "evllm-engine.lock"
 
 
+# The environment as the test session found it, before any test's monkeypatch.setenv: servers start in a
+# background thread while in-process tests run and may set EVLLM_* variables for themselves.
+SESSION_ENV = dict(os.environ)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any VLLM_* variable: servers start the way `make serve`
-    starts them, so the KV cache size and every other engine default are evllm's own choices."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    """The session's environment without any VLLM_* variable: servers start the way `make serve` starts
+    them, so the KV cache size and every other engine default are evllm's own choices."""
+    env = {k: v for k, v in SESSION_ENV.items() if not k.startswith("VLLM_")}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
