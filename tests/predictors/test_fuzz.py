@@ -356,5 +356,5 @@ def test_schemathesis_over_the_real_openai_paths(server):
             assert r.status_code < 500, f"{r.status_code} for {case.body!r}: {r.text[:500]}"
 
         _fuzz(operations, OPENAI_CASES, handle)
-    assert calls["n"] >= 100
+    assert calls["n"] >= 4 * OPENAI_CASES  # every operation reached, in both modes
     assert httpx.get(server.url + "/v2/health/ready", timeout=30).status_code == 200
