@@ -150,12 +150,19 @@ def test_v2_infer_client_errors_are_400_json(body: dict[str, Any], needle: str):
     refused(f"/v2/models/{MODEL_NAME}/infer", 400, needle, json=body)
 
 
-def test_v2_infer_malformed_bodies_and_unknown_model():
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v2/models/{}/infer", v2_body(["a"])),
+        ("/v1/models/{}:predict", {"instances": ["a"]}),
+    ],
+)
+def test_malformed_json_is_400_and_an_unknown_model_404(path: str, body: dict[str, Any]):
     async def main() -> None:
         async with inprocess.server() as s, s.client() as c:
-            r = await c.post(f"/v2/models/{MODEL_NAME}/infer", content=b"{not json")
+            r = await c.post(path.format(MODEL_NAME), content=b"{not json")
             assert r.status_code == 400 and isinstance(r.json()["error"], str)
-            r = await c.post("/v2/models/nope/infer", json=v2_body(["a"]))
+            r = await c.post(path.format("nope"), json=body)
             assert r.status_code == 404 and "nope" in r.json()["error"]
             assert s.engine.fake.requests == []
 
@@ -251,17 +258,6 @@ def test_v1_predict_strings_and_objects():
 )
 def test_v1_client_errors_are_400(body: dict[str, Any], needle: str):
     refused(f"/v1/models/{MODEL_NAME}:predict", 400, needle, json=body)
-
-
-def test_v1_malformed_json_and_unknown_model():
-    async def main() -> None:
-        async with inprocess.server() as s, s.client() as c:
-            r = await c.post(f"/v1/models/{MODEL_NAME}:predict", content=b"{nope")
-            assert r.status_code == 400 and isinstance(r.json()["error"], str)
-            r = await c.post("/v1/models/nope:predict", json={"instances": ["a"]})
-            assert r.status_code == 404 and "nope" in r.json()["error"]
-
-    asyncio.run(main())
 
 
 # Token-exact on the real engine --------------------------------------------------------------------------

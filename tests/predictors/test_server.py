@@ -165,19 +165,15 @@ def test_health_when_serving():
     asyncio.run(main())
 
 
+# What every probe and protocol answers while the engine cannot generate (starting or dead).
+NOT_SERVING = dict.fromkeys(("ready", "model_ready", "infer", "generate", "generate_stream", "predict"), 503)
+
+
 def test_liveness_answers_while_the_engine_starts():
     # The engine is built off the event loop: a multi-minute GPU start must not fail liveness probes.
     async def main() -> None:
         async with inprocess.server(start=False) as s, s.client() as c:
-            assert await _answers(c) == {
-                "live": 200,
-                "ready": 503,
-                "model_ready": 503,
-                "infer": 503,
-                "generate": 503,
-                "generate_stream": 503,
-                "predict": 503,
-            }
+            assert await _answers(c) == {"live": 200, **NOT_SERVING}
             r = await c.post(f"/v2/models/{MODEL_NAME}/generate", json={"text_input": "hi"})
             assert r.json() == {"error": "Engine is starting, retry later."}
             await s.dataplane.start()
@@ -190,16 +186,8 @@ def test_engine_death_is_503_and_not_ready():
     async def main() -> None:
         async with inprocess.server() as s, s.client() as c:
             s.engine.fake.errored = True
-            assert await _answers(c) == {
-                # Liveness fails too, so the kubelet restarts the pod instead of leaving a zombie replica.
-                "live": 503,
-                "ready": 503,
-                "model_ready": 503,
-                "infer": 503,
-                "generate": 503,
-                "generate_stream": 503,
-                "predict": 503,
-            }
+            # Liveness fails too, so the kubelet restarts the pod instead of leaving a zombie replica.
+            assert await _answers(c) == {"live": 503, **NOT_SERVING}
             assert (await c.get("/v2/health/live")).json() == {"live": False, "error": "engine is dead"}
             r = await c.post(f"/v2/models/{MODEL_NAME}/generate", json={"text_input": "hi"})
             assert r.json() == {"error": "Engine is dead; the server will be restarted."}
