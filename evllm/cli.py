@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -18,10 +19,10 @@ def _demo_model(args: argparse.Namespace) -> int:
 def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`evllm render` is deploy tooling (package `inferenceservices`): present in a source checkout,
     left out of the serving image."""
-    try:
-        from inferenceservices import render
-    except ImportError:
+    if importlib.util.find_spec("inferenceservices") is None:
         return
+    from inferenceservices import render
+
     render.add_parser(sub)
 
 
