@@ -136,6 +136,20 @@ async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def _model_not_ready(_: Request, exc: Exception) -> JSONResponse:
+    """Not ready is a normal state while the engine starts (kubelet polls /v2/models/{m}/ready every few
+    seconds through it): a 503 and a debug line, where KServe logs an ERROR with a traceback per poll."""
+    logger.debug("not ready: %s", exc)
+    return JSONResponse({"error": str(exc)}, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+def quiet_not_ready(app: FastAPI) -> None:
+    """Replace KServe's ModelNotReady handler; call after KServe registered its handlers."""
+    from kserve.errors import ModelNotReady as KServeModelNotReady
+
+    app.add_exception_handler(KServeModelNotReady, _model_not_ready)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Map evllm's and FastAPI's request errors to JSON; kserve maps its own in the same shape."""
     app.add_exception_handler(EvllmError, _evllm_error)

@@ -24,7 +24,7 @@ from .auth import AuthConfig
 from .config import DEMO, ServerConfig
 from .dataplane import DataPlane
 from .engine import Engine, explain_start_failure
-from .errors import EngineStartFailed, install_handlers
+from .errors import EngineStartFailed, install_handlers, quiet_not_ready
 from .extension import Extension, Policies
 from .limits import Limits
 
@@ -274,8 +274,9 @@ def install_openapi(app: FastAPI, openai_app: FastAPI) -> None:
 
 
 def _lean_kserve_app(event_loop: str) -> None:
-    """Two per-request costs KServe adds that `vllm serve` does not have (profiled under load, where the
-    API server shares the CPUs with the engine):
+    """KServe's app, adjusted: its ModelNotReady handler logs an ERROR with a traceback on every readiness
+    poll during a start (quiet_not_ready), and two per-request costs KServe adds that `vllm serve` does
+    not have (profiled under load, where the API server shares the CPUs with the engine):
 
     - timing_asgi's TimingMiddleware calls getrusage twice per request (~9% of the server's samples)
       only to feed a debug trace log; evllm's own latency metrics replace it.
@@ -293,6 +294,13 @@ def _lean_kserve_app(event_loop: str) -> None:
         ]
 
     RESTServer._add_middlewares = without_timing
+    add_handlers = RESTServer._add_exception_handlers
+
+    def with_quiet_not_ready(self: Any, app: FastAPI) -> None:
+        add_handlers(self, app)
+        quiet_not_ready(app)
+
+    RESTServer._add_exception_handlers = with_quiet_not_ready
     if event_loop in ("auto", "uvloop"):
         try:
             import uvloop

@@ -224,7 +224,8 @@ class Engines:
                 env=server_env(self.cache_dir, self.storage_root, self.broker),
                 log_name="session-server",
             )
-            self.server.start()
+            # Polled on the model's ready path, as the ClusterServingRuntime's readinessProbe does.
+            self.server.start(ready_path=f"/v2/models/{MODEL_NAME}/ready")
             self.broker.target = self.server.url
         except BaseException as exc:
             self.error = exc

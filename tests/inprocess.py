@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 
 from predictors.dataplane import DataPlane
 from predictors.engine import Engine
-from predictors.errors import InvalidInput
+from predictors.errors import InvalidInput, quiet_not_ready
 from predictors.extension import Extension
 from predictors.model import EvllmModel, strict_decode
 from predictors.server import Settings, assemble, build_parser, read_settings
@@ -175,6 +175,7 @@ def kserve_routes(app: FastAPI, model: EvllmModel) -> None:
     )
     RESTServer._register_endpoints(kserve, app)
     RESTServer._add_exception_handlers(kserve, app)
+    quiet_not_ready(app)  # as predictors.server does after KServe's handlers
 
 
 @dataclass

@@ -41,8 +41,11 @@ def test_it_chose_a_kv_cache_and_serves_a_generation(server: ServerProcess) -> N
         timeout=60,
     )
     assert r.status_code == 200 and r.json()["completion_tokens"] == 8
-    # Liveness answered while the engine was still starting (KServe's probes during a long cold start).
+    # Liveness answered while the engine was still starting (KServe's probes during a long cold start),
+    # and the readiness polls of the start (on the model's ready path) logged no ERROR.
     assert server.live_before_ready
+    start = log[: log.index('"engine ready: ')]
+    assert '"level": "ERROR"' not in start and "ModelNotReady" not in start, start[-3000:]
 
 
 def test_an_engine_that_cannot_start_exits_1_with_one_line(cache_dir) -> None:

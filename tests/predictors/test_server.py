@@ -4,6 +4,7 @@ semantics and what the server answers while the engine starts, drains or is dead
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -169,17 +170,22 @@ def test_health_when_serving():
 NOT_SERVING = dict.fromkeys(("ready", "model_ready", "infer", "generate", "generate_stream", "predict"), 503)
 
 
-def test_liveness_answers_while_the_engine_starts():
+def test_liveness_answers_while_the_engine_starts(caplog: pytest.LogCaptureFixture):
     # The engine is built off the event loop: a multi-minute GPU start must not fail liveness probes.
     async def main() -> None:
         async with inprocess.server(start=False) as s, s.client() as c:
             assert await _answers(c) == {"live": 200, **NOT_SERVING}
+            r = await c.get(f"/v2/models/{MODEL_NAME}/ready")
+            assert r.json() == {"error": f"Model with name {MODEL_NAME} is not ready."}
             r = await c.post(f"/v2/models/{MODEL_NAME}/generate", json={"text_input": "hi"})
             assert r.json() == {"error": "Engine is starting, retry later."}
             await s.dataplane.start()
             assert set((await _answers(c)).values()) == {200}
 
-    asyncio.run(main())
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    # Not ready is a normal state during a start: no ERROR (with a traceback) per readiness poll.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
 
 
 def test_engine_death_is_503_and_not_ready():
