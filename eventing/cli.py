@@ -18,7 +18,9 @@ from .events import encode, make_event, to_json
 
 def add_parsers(subparsers: Any) -> None:
     send = subparsers.add_parser(
-        "send", help="post one CloudEvent to URL (broker ingress or a predictor's /events)"
+        "send",
+        allow_abbrev=False,
+        help="post one CloudEvent to URL (broker ingress or a predictor's /events)",
     )
     send.add_argument("url")
     send.add_argument("--type", required=True, help="event type, e.g. dev.evllm.inference.request")
@@ -33,10 +35,12 @@ def add_parsers(subparsers: Any) -> None:
     send.add_argument("--subject")
     send.set_defaults(func=send_command)
 
-    batch = subparsers.add_parser("batch", help="batch jobs: submit, status")
+    batch = subparsers.add_parser("batch", help="batch jobs: submit, status", allow_abbrev=False)
     sub = batch.add_subparsers(dest="batch_command", required=True)
     submit = sub.add_parser(
-        "submit", help="post a <prefix>.batch.submitted event for an OpenAI batch JSONL file"
+        "submit",
+        allow_abbrev=False,
+        help="post a <prefix>.batch.submitted event for an OpenAI batch JSONL file",
     )
     submit.add_argument("url")
     submit.add_argument("--input", required=True, help="JSONL file path or URI the server can read")
@@ -53,7 +57,9 @@ def add_parsers(subparsers: Any) -> None:
     _common(submit)
     submit.set_defaults(func=submit_command)
 
-    status = sub.add_parser("status", help="print a job's progress and counts from its output URI")
+    status = sub.add_parser(
+        "status", help="print a job's progress and counts from its output URI", allow_abbrev=False
+    )
     status.add_argument("output", help="the job's output directory URI")
     status.add_argument("--job_id", required=True)
     status.set_defaults(func=status_command)
@@ -62,7 +68,12 @@ def add_parsers(subparsers: Any) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="/evllm/cli", help="event source (default /evllm/cli)")
     p.add_argument("--id", default=None, help="event id (default: random; reuse it to test redelivery)")
-    p.add_argument("--model", default=None, help="`model` extension attribute (Triggers filter on it)")
+    p.add_argument(
+        "--model_name",
+        default=None,
+        help="the served model's name (evllm serve's --model_name), sent as the `model` extension "
+        "attribute that Triggers filter on",
+    )
     p.add_argument("--timeout", type=float, default=300.0)
 
 
@@ -90,8 +101,8 @@ def _extensions(args: argparse.Namespace, pairs: list[str]) -> dict[str, str]:
         if not sep:
             raise SystemExit(f"--extension wants K=V, got {pair!r}")
         ext[key] = value
-    if args.model:
-        ext["model"] = args.model
+    if args.model_name:
+        ext["model"] = args.model_name
     return ext
 
 

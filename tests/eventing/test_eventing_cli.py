@@ -39,7 +39,7 @@ def test_parsers_set_functions() -> None:
     assert args.func is cli.status_command
 
 
-@pytest.mark.parametrize("old", ["--job-id", "--chunk-size", "--prefix"])
+@pytest.mark.parametrize("old", ["--job-id", "--chunk-size", "--prefix", "--model"])
 def test_client_flags_have_one_spelling(old: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parser().parse_args(["batch", "submit", "http://x", "--input", "i", "--output", "/o", old, "1"])
@@ -67,7 +67,7 @@ def test_batch_submit_posts_the_event(
     monkeypatch.chdir(tmp_path)
     args = parser().parse_args(["batch", "submit", ingress.url, "--input", "in.jsonl", "--output", "s3://b/out",
                                 "--job_id", "j1", "--chunk_size", "8", "--events_prefix", "com.acme",
-                                "--model", "demo", "--id", "sub-1", "--deadline", "2030-01-01T00:00:00Z"])  # fmt: skip
+                                "--model_name", "demo", "--id", "sub-1", "--deadline", "2030-01-01T00:00:00Z"])  # fmt: skip
     assert args.func(args) == 0
     assert "accepted (HTTP 202, no reply event)" in capsys.readouterr().out
     args = parser().parse_args(

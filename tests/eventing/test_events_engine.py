@@ -184,7 +184,7 @@ def evllm(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("mode", ["--binary", "--structured"])
 def test_cli_send(server, mode: str) -> None:
-    res = evllm("send", server.url + "/events", "--type", "dev.evllm.inference.request", "--model", MODEL_NAME,
+    res = evllm("send", server.url + "/events", "--type", "dev.evllm.inference.request", "--model_name", MODEL_NAME,
                 "--id", f"cli-{mode}", "--data", '{"text_input": "Hello", "parameters": {"max_tokens": 3}}', mode)  # fmt: skip
     assert res.returncode == 0, res.stderr
     reply = json.loads(res.stdout)
@@ -199,7 +199,7 @@ def test_cli_batch_submit_and_status(server, storage_root: Path) -> None:
     inp.write_text("\n".join(lines) + "\n")
     out = storage_root / "cli-out"
     res = evllm("batch", "submit", server.url + "/events", "--input", str(inp), "--output", str(out),
-                "--job_id", "cli-job", "--chunk_size", "3", "--model", MODEL_NAME)  # fmt: skip
+                "--job_id", "cli-job", "--chunk_size", "3", "--model_name", MODEL_NAME)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["type"] == "dev.evllm.batch.progress"
     wait_completed(out, "cli-job")  # the broker delivers the chunks
