@@ -15,7 +15,8 @@ class Eventing:
     title = "eventing"
     description = "CloudEvents endpoint (POST /events) and batch jobs"
     settings = EventingConfig
-    protocols: tuple[str, ...] = (metrics.EVENTS_PROTOCOL, metrics.BATCH_PROTOCOL)
+    # Work done below online traffic (batch lines); /events' own label comes from its RoutePolicy.
+    protocols: tuple[str, ...] = (metrics.BATCH_PROTOCOL,)
 
     def policies(self, settings: EventingConfig) -> list[RoutePolicy]:
         # Events are not online load: batch chunks arrive through them and must not slow themselves.

@@ -48,14 +48,8 @@ class Unauthorized(EvllmError):
 class ModelNotFound(EvllmError):
     status = HTTPStatus.NOT_FOUND
 
-    def __init__(self, name: str):
-        super().__init__(f"Model with name {name} does not exist.")
-
-    @classmethod
-    def with_message(cls, message: str) -> ModelNotFound:
-        exc = cls.__new__(cls)
-        EvllmError.__init__(exc, message)
-        return exc
+    def __init__(self, name: str, message: str | None = None):
+        super().__init__(message or f"Model with name {name} does not exist.")
 
 
 class PayloadTooLarge(EvllmError):
@@ -100,7 +94,7 @@ def from_openai(status: int, body: Any) -> EvllmError:
     if status == HTTPStatus.TOO_MANY_REQUESTS:
         return Overloaded(message)
     if status == HTTPStatus.NOT_FOUND:
-        return ModelNotFound.with_message(message)
+        return ModelNotFound("", message)
     if 400 <= status < 500:
         return InvalidInput(message)
     return EvllmError(message)

@@ -29,7 +29,7 @@ class Extension(Protocol):
     title: str  # its flag group's title in `evllm serve --help`
     description: str
     settings: type[Any]  # a dataclass of `predictors.settings.setting` fields
-    protocols: tuple[str, ...]  # extra `protocol` label values its work is counted under
+    protocols: tuple[str, ...]  # labels for work not tied to one of its paths (set through metrics.PROTOCOL)
 
     def policies(self, settings: Any) -> list[RoutePolicy]: ...
 

@@ -47,11 +47,18 @@ class Settings:
     extensions: dict[str, Any] = field(default_factory=dict)  # each extension's settings, by title
 
 
-class _Parser(argparse.ArgumentParser):
-    """One line per mistake: the full usage of ~60 flags would bury it (`--help` shows them)."""
+PROG = "evllm serve"
 
+
+def usage_error(message: str) -> NoReturn:
+    """One line per mistake, exit 2: the full usage of ~60 flags would bury it (`--help` shows them)."""
+    sys.stderr.write(f"{PROG}: error: {message} (see {PROG} --help)\n")
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        usage_error(message)
 
 
 def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParser:
@@ -59,7 +66,7 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     from kserve.model_server import parser as kserve_flags
 
     parser = _Parser(
-        prog="evllm serve",
+        prog=PROG,
         parents=[kserve_flags],
         allow_abbrev=False,  # --api_keys must not become --api_keys_file, nor --max_tokens --max_tokens_limit
         description="Serve one model on one vLLM engine through OIP V2, generate, KServe V1 and OpenAI"
@@ -330,7 +337,7 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
     try:
         admission = assemble(app, dataplane, settings, extensions)
     except settings_lib.SettingsError as exc:
-        build_parser(extensions).error(str(exc))
+        usage_error(str(exc))
     graceful = GracefulShutdown(
         admission, dataplane.engine, settings.server.grace_period, settings.server.drain_seconds
     )

@@ -36,9 +36,8 @@ def setting(
 ) -> Any:
     """A settings field. ``env`` overrides the environment variable's name (e.g. Knative's ``K_SINK``);
     ``flag=False`` keeps a value out of the command line (secrets: they would show in ``ps``)."""
-    factory = list if isinstance(default, list) else None
     meta = {"help": help, "env": env, "choices": choices, "flag": flag}
-    if factory is not None:
+    if isinstance(default, list):  # a fresh list per instance
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
