@@ -7,7 +7,9 @@ Layout under ``<output>/<job_id>/``::
     parts/chunk-NNNNNN.jsonl  one record per line of the chunk, written atomically (exactly-once unit)
     output.jsonl          merged successful lines (OpenAI batch output format)
     errors.jsonl          merged failed lines, same format with ``error`` set
-    result.json           completion record: counts + the batch.completed event id (written last)
+    counts.json           per-chunk request counts seen so far (a cache of the parts, see chunk.job_counts)
+    cancel.json           cancel marker: its existence cancels the job (see cancel.py)
+    result.json           completion record: counts, status, the completion event id (written last)
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class JobFiles:
         self.output = self.root.child("output.jsonl")
         self.errors = self.root.child("errors.jsonl")
         self.result = self.root.child("result.json")
+        self.counts = self.root.child("counts.json")
+        self.cancel = self.root.child("cancel.json")
 
     def part(self, index: int) -> Location:
         return self.parts.child(f"chunk-{index:06d}.jsonl")

@@ -11,6 +11,11 @@ Crash points, and why each is safe:
   ``result.json`` is written last, so a rerun of the merge produces the same files;
 * after ``result.json``: every later delivery answers with the same batch.completed event (its id is
   derived from the job), which the broker's consumers dedup on source + id.
+
+Per-job request counts stay O(1) storage operations per chunk (``job_counts``): one listing of the parts,
+``counts.json`` (per-chunk counts already seen) and only the parts it does not cover yet. The listing is
+the truth and ``counts.json`` a cache keyed by chunk index, so a redelivered chunk or a lost update (two
+replicas writing it at once) can neither count a chunk twice nor lose it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,8 +32,11 @@ from predictors.errors import NotReady, Overloaded
 
 from . import metrics
 from .batch import JobFiles, Line, Manifest, error_record, job_key, parse_line, split_lines
-from .executor import Executor
+from .cancel import CancelToken, read_marker
+from .executor import CANCELLED, Executor, cancelled_record
 from .storage import exists, listdir, read_bytes, write_atomic
+
+COMPLETED, EXPIRED = "completed", "expired"  # with CANCELLED: how a job ends (OpenAI batch statuses)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,9 @@ class Completion:
     error_file: str
     request_counts: dict[str, int]
     event_id: str
+    status: str = COMPLETED  # completed | cancelled | expired
+    finalizing_at: int | None = None  # unix seconds: merge started
+    completed_at: int | None = None  # unix seconds: result written
 
     def data(self) -> dict[str, Any]:
         return {
@@ -82,10 +94,15 @@ def chunk_lines(files: JobFiles, manifest: Manifest, index: int) -> list[Line]:
     return lines
 
 
-async def run_chunk(executor: Executor, files: JobFiles, manifest: Manifest, index: int) -> bool:
-    """Run chunk ``index`` unless its part file exists; True when this call wrote the part."""
+async def run_chunk(
+    executor: Executor, files: JobFiles, manifest: Manifest, index: int, cancel: CancelToken | None = None
+) -> bool:
+    """Run chunk ``index`` unless its part file exists; True when this call wrote the part. A cancelled
+    job (the token, or the marker in storage) writes the part without calling the engine for the lines
+    that did not complete. ``cancel``: the job's token from cancel.Cancellations (its watcher polls the
+    marker); without one the marker is read once here."""
     try:
-        wrote = await _run_chunk(executor, files, manifest, index)
+        wrote = await _run_chunk(executor, files, manifest, index, cancel)
     except (NotReady, Overloaded):
         metrics.chunk("retried")
         raise
@@ -96,7 +113,9 @@ async def run_chunk(executor: Executor, files: JobFiles, manifest: Manifest, ind
     return wrote
 
 
-async def _run_chunk(executor: Executor, files: JobFiles, manifest: Manifest, index: int) -> bool:
+async def _run_chunk(
+    executor: Executor, files: JobFiles, manifest: Manifest, index: int, cancel: CancelToken | None
+) -> bool:
     if not 0 <= index < manifest.chunks:
         raise ValueError(f"chunk {index} out of range: job {manifest.job_id} has {manifest.chunks} chunks")
     part = files.part(index)
@@ -104,11 +123,18 @@ async def _run_chunk(executor: Executor, files: JobFiles, manifest: Manifest, in
         return False
     key = job_key(manifest.output, manifest.job_id)
     lines = await asyncio.to_thread(chunk_lines, files, manifest, index)
-    if manifest.expired():
-        records = [error_record(key, line, "the job's deadline passed before this line ran", "expired")
+    if cancel is None:  # no watcher: check the marker here (a watcher read it and keeps polling it)
+        cancel = CancelToken()
+        at = await asyncio.to_thread(read_marker, files.cancel)
+        if at is not None:
+            cancel.fire(at)
+    if cancel.cancelled:
+        records = [cancelled_record(key, line) for line in lines]
+    elif manifest.expired():
+        records = [error_record(key, line, "the job's deadline passed before this line ran", EXPIRED)
                    for line in lines]  # fmt: skip
     else:
-        records = await executor.run_lines(key, lines)
+        records = await executor.run_lines(key, lines, cancel)
     if await asyncio.to_thread(exists, part):
         return False  # a concurrent delivery finished first; its records are equivalent
     body = "".join(
@@ -116,28 +142,68 @@ async def _run_chunk(executor: Executor, files: JobFiles, manifest: Manifest, in
         for line, rec in zip(lines, records, strict=True)
     )
     await asyncio.to_thread(write_atomic, part, body.encode())
+    ok = sum(1 for rec in records if rec["error"] is None)
+    await asyncio.to_thread(_record_counts, files, {index: (ok, len(records) - ok)})
     return True
 
 
-def chunks_done(files: JobFiles, manifest: Manifest) -> int:
+def _done_chunks(files: JobFiles, manifest: Manifest) -> list[int]:
     names = set(listdir(files.parts))
-    return sum(1 for i in range(manifest.chunks) if files.part(i).path.rsplit("/", 1)[-1] in names)
+    return [i for i in range(manifest.chunks) if files.part(i).path.rsplit("/", 1)[-1] in names]
+
+
+def chunks_done(files: JobFiles, manifest: Manifest) -> int:
+    return len(_done_chunks(files, manifest))
+
+
+def _read_counts(files: JobFiles) -> dict[int, tuple[int, int]]:
+    if not exists(files.counts):
+        return {}
+    try:
+        raw = json.loads(read_bytes(files.counts))
+        return {int(k): (int(v[0]), int(v[1])) for k, v in raw["chunks"].items()}
+    except (ValueError, KeyError, TypeError, IndexError):
+        return {}  # a cache: rebuilt from the parts
+
+
+def _write_counts(files: JobFiles, counts: dict[int, tuple[int, int]]) -> None:
+    body = {"chunks": {str(k): list(v) for k, v in sorted(counts.items())}}
+    write_atomic(files.counts, json.dumps(body, separators=(",", ":")).encode())
+
+
+def _record_counts(files: JobFiles, fresh: dict[int, tuple[int, int]]) -> None:
+    counts = _read_counts(files)
+    if any(counts.get(i) != v for i, v in fresh.items()):
+        _write_counts(files, {**counts, **fresh})
+
+
+@dataclass(frozen=True)
+class Progress:
+    chunks_done: int
+    request_counts: dict[str, int]
+
+
+def job_counts(files: JobFiles, manifest: Manifest) -> Progress:
+    """Chunks done and request counts so far: one listing, one read of counts.json, and a read of each
+    part counts.json does not cover yet (amortized O(1) per chunk; see the module docstring)."""
+    done = _done_chunks(files, manifest)
+    counts = _read_counts(files)
+    missing = [i for i in done if i not in counts]
+    for i in missing:
+        recs = _records(files, i)
+        ok = sum(1 for rec in recs if rec["ok"])
+        counts[i] = (ok, len(recs) - ok)
+    if missing:
+        _write_counts(files, counts)
+    ok = sum(counts[i][0] for i in done)
+    failed = sum(counts[i][1] for i in done)
+    return Progress(len(done), {"total": manifest.total, "completed": ok, "failed": failed})
 
 
 def read_result(files: JobFiles) -> Completion | None:
     if not exists(files.result):
         return None
     return Completion(**json.loads(read_bytes(files.result)))
-
-
-def partial_counts(files: JobFiles, manifest: Manifest) -> dict[str, int]:
-    """Request counts over the part files written so far."""
-    ok = failed = 0
-    for i in range(manifest.chunks):
-        if exists(files.part(i)):
-            for rec in _records(files, i):
-                ok, failed = (ok + 1, failed) if rec["ok"] else (ok, failed + 1)
-    return {"total": manifest.total, "completed": ok, "failed": failed}
 
 
 def _records(files: JobFiles, index: int) -> list[dict[str, Any]]:
@@ -152,6 +218,7 @@ def complete(files: JobFiles, manifest: Manifest) -> Completion | None:
         return done
     if chunks_done(files, manifest) < manifest.chunks:
         return None
+    finalizing_at = int(time.time())
     by_line: dict[int, dict[str, Any]] = {}
     for i in range(manifest.chunks):
         for rec in _records(files, i):
@@ -161,6 +228,13 @@ def complete(files: JobFiles, manifest: Manifest) -> Completion | None:
         raise RuntimeError(f"job {manifest.job_id}: parts are missing lines {missing[:5]}")
     good = [by_line[i] for i in range(manifest.total) if by_line[i]["ok"]]
     bad = [by_line[i] for i in range(manifest.total) if not by_line[i]["ok"]]
+    codes = {(r["record"].get("error") or {}).get("code") for r in bad}
+    if CANCELLED in codes or exists(files.cancel):
+        status = CANCELLED
+    elif EXPIRED in codes:
+        status = EXPIRED
+    else:
+        status = COMPLETED
     write_atomic(files.output, "".join(json.dumps(r["record"]) + "\n" for r in good).encode())
     write_atomic(files.errors, "".join(json.dumps(r["record"]) + "\n" for r in bad).encode())
     completion = Completion(
@@ -169,7 +243,10 @@ def complete(files: JobFiles, manifest: Manifest) -> Completion | None:
         error_file=files.errors.uri,
         request_counts={"total": manifest.total, "completed": len(good), "failed": len(bad)},
         event_id=completed_event_id(manifest),
+        status=status,
+        finalizing_at=finalizing_at,
+        completed_at=int(time.time()),
     )
     write_atomic(files.result, json.dumps(asdict(completion)).encode())
-    metrics.job("completed")
+    metrics.job("cancelled" if status == CANCELLED else "completed")
     return completion

@@ -140,7 +140,8 @@ def submit_command(args: argparse.Namespace) -> int:
 def job_status(output: str, job_id: str) -> dict[str, Any]:
     """A job's state from its files: no server needed (the CLI reads the output URI directly)."""
     from .batch import JobFiles
-    from .chunk import chunks_done, partial_counts, read_result
+    from .cancel import read_marker
+    from .chunk import job_counts, read_result
     from .storage import Storage
 
     out = Storage(["/"]).resolve(output)  # the user's own machine/credentials: no confinement here
@@ -149,12 +150,17 @@ def job_status(output: str, job_id: str) -> dict[str, Any]:
     if manifest is None:
         return {"job_id": job_id, "state": "not found", "output": out.uri}
     result = read_result(files)
+    progress = job_counts(files, manifest)
+    if result is not None:
+        state = result.status  # completed | cancelled | expired
+    else:
+        state = "cancelling" if read_marker(files.cancel) is not None else "in_progress"
     status: dict[str, Any] = {
         "job_id": job_id,
-        "state": "completed" if result else "in_progress",
-        "chunks_done": chunks_done(files, manifest),
+        "state": state,
+        "chunks_done": progress.chunks_done,
         "chunks_total": manifest.chunks,
-        "request_counts": result.request_counts if result else partial_counts(files, manifest),
+        "request_counts": result.request_counts if result else progress.request_counts,
     }
     if result:
         status.update(output_file=result.output_file, error_file=result.error_file)

@@ -32,6 +32,13 @@ class EventingConfig:
     # Inline batch jobs ride in events; bigger ones belong in storage.
     max_event_bytes: int = setting(64 * MiB, "Largest CloudEvent (body of POST /events, data included).")
     max_batch_lines: int = setting(50_000, "Most lines in one batch job (the OpenAI Batch API's limit).")
+    batch_store: str | None = setting(
+        None,
+        "Where the OpenAI Files and Batches API (/openai/v1/files, /openai/v1/batches) keeps files, batch "
+        "records and their jobs: a directory inside --storage_roots or an s3://, gs://, ... URI that "
+        "every replica shares; unset: <first storage root>/openai.",
+    )
+    max_file_bytes: int = setting(200 * MiB, "Largest file uploaded to /openai/v1/files (OpenAI's limit).")
     sink: str | None = setting(
         None,
         "Where batch chunks are sent as events (a Knative SinkBinding injects K_SINK); unset: this "
@@ -40,13 +47,27 @@ class EventingConfig:
     )
 
     def check(self) -> None:
-        for name in ("batch_chunk_size", "batch_max_inflight", "batch_online_inflight", "max_batch_lines"):
+        for name in (
+            "batch_chunk_size",
+            "batch_max_inflight",
+            "batch_online_inflight",
+            "max_batch_lines",
+            "max_file_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name} must be at least 1")
 
     @property
     def roots(self) -> list[Path]:
         return [Path(r) for r in self.storage_roots]
+
+    @property
+    def store_uri(self) -> str:
+        if self.batch_store:
+            return self.batch_store
+        if not self.storage_roots:
+            raise SettingsError("--batch_store is required when no --storage_roots are configured")
+        return str(Path(self.storage_roots[0]) / "openai")
 
     def type(self, name: str) -> str:
         """The full event type for a catalog name such as ``batch.chunk``."""

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,8 +25,16 @@ from predictors.errors import EvllmError, NotReady, Overloaded, from_openai
 
 from . import metrics
 from .batch import Line, error_record, success_record
+from .cancel import CancelToken
 from .config import BATCH_PRIORITY
 from .dataplane import DataPlaneView
+
+logger = logging.getLogger("evllm.eventing")
+CANCELLED = "cancelled"  # the error code of lines a cancel stopped
+
+
+def cancelled_record(key: str, line: Line) -> dict[str, Any]:
+    return error_record(key, line, "the batch was cancelled before this line completed", CANCELLED)
 
 
 class AdaptiveLimit:
@@ -59,8 +69,18 @@ class AdaptiveLimit:
         return int(min(self.high, self.low * 2 ** min(steps, 32)))
 
 
+class LineCancelled(Exception):
+    """The job was cancelled while this line waited for a slot."""
+
+
 class Executor:
-    """One per process: every chunk of every job shares the same in-flight budget."""
+    """One per process: every chunk of every job shares the same in-flight budget.
+
+    Slots go round-robin between jobs, not first-come: each job waiting for a slot has a queue of its
+    feeders, and a freed slot goes to the job at the head of the rotation, which then moves to the back.
+    So a small job submitted while a huge one runs (in sink mode with many of its chunks delivered here at
+    once) gets an equal share of the engine and finishes in time proportional to its own size.
+    """
 
     def __init__(
         self,
@@ -75,26 +95,21 @@ class Executor:
             lambda: dataplane.online_load, low=low, high=high, ramp_interval=ramp_interval
         )
         self.inflight = 0
-        self._cond: asyncio.Condition | None = None
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._watcher: asyncio.Task[None] | None = None
 
-    def _condition(self) -> asyncio.Condition:
-        if self._cond is None:
-            self._cond = asyncio.Condition()
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch())
-        return self._cond
 
     async def _watch(self) -> None:
-        """Wake waiting lines whenever online load changes (it can lower or raise the limit)."""
+        """Grant waiting lines whenever online load changes (it can lower or raise the limit)."""
         event = self.dataplane.online_changed
         while True:
             await event.wait()
             event.clear()
             self.limit.observe()
-            metrics.inflight(self.inflight, self.limit.current())
-            assert self._cond is not None
-            async with self._cond:
-                self._cond.notify_all()
+            self._grant()
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -102,38 +117,81 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
 
-    async def _acquire(self) -> None:
-        cond = self._condition()
-        async with cond:
-            while self.inflight >= self.limit.current():
-                # Timeout: the limit also rises with time (ramp-up) without any event firing.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(cond.wait(), self.limit.ramp_interval)
+    def _grant(self) -> None:
+        """Hand free slots to waiting feeders, one job after the other."""
+        limit = self.limit.current()
+        while self.inflight < limit and self._waiting:
+            job, queue = next(iter(self._waiting.items()))
+            fut = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(job)
+            else:
+                del self._waiting[job]
+            if fut.done():
+                continue  # its feeder left (cancelled)
+            fut.set_result(None)
+            self.inflight += 1
+        metrics.inflight(self.inflight, limit)
+
+    def _forget(self, job: str, fut: asyncio.Future[None]) -> None:
+        queue = self._waiting.get(job)
+        if queue is not None and fut in queue:
+            queue.remove(fut)
+            if not queue:
+                del self._waiting[job]
+
+    async def _acquire(self, job: str = "", cancel: CancelToken | None = None) -> None:
+        """Take a slot for one line of ``job``; LineCancelled if the job is cancelled meanwhile."""
+        self._ensure_watcher()
+        if not self._waiting and self.inflight < self.limit.current():
             self.inflight += 1
             metrics.inflight(self.inflight, self.limit.current())
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(job, deque()).append(fut)
 
-    async def _release(self) -> None:
-        cond = self._condition()
-        async with cond:
-            self.inflight -= 1
-            metrics.inflight(self.inflight, self.limit.current())
-            # One slot freed, one waiter woken: the waiters are chunk feeders, not every pending line.
-            cond.notify(1)
+        def cancelled() -> None:
+            if not fut.done():
+                fut.set_exception(LineCancelled())
+
+        remove = cancel.on_cancel(cancelled) if cancel is not None else None
+        try:
+            while not fut.done():
+                try:
+                    # Timeout: the limit also rises with time (ramp-up) without any event firing.
+                    await asyncio.wait_for(asyncio.shield(fut), self.limit.ramp_interval)
+                except asyncio.TimeoutError:
+                    self._grant()
+            fut.result()
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._release()  # granted, but this feeder is leaving
+            else:
+                fut.cancel()
+                self._forget(job, fut)
+            raise
+        finally:
+            if remove is not None:
+                remove()
+
+    def _release(self) -> None:
+        self.inflight -= 1
+        self._grant()
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self._acquire()
+    async def slot(self, job: str = "") -> AsyncIterator[None]:
+        await self._acquire(job)
         try:
             yield
         finally:
-            await self._release()
+            self._release()
 
     async def run_line(self, key: str, line: Line) -> dict[str, Any]:
         """One line -> its output record. Engine-not-ready propagates (the chunk is retried whole)."""
         if line.error is not None:
             metrics.line("failed")
             return error_record(key, line, line.error, "invalid_request")
-        async with self.slot():
+        async with self.slot(key):
             return await self._call(key, line)
 
     async def _call(self, key: str, line: Line) -> dict[str, Any]:
@@ -164,38 +222,72 @@ class Executor:
         metrics.line("failed")
         return error_record(key, line, error.message, f"http_{status}", status, body)
 
-    async def run_lines(self, key: str, lines: list[Line]) -> list[dict[str, Any]]:
+    async def run_lines(
+        self, key: str, lines: list[Line], cancel: CancelToken | None = None
+    ) -> list[dict[str, Any]]:
         """Run a chunk's lines. One feeder takes a slot before starting each line, so thousands of
-        pending lines never wait on the condition at once (every release would wake them all)."""
+        pending lines never wait at once. A fired ``cancel`` stops the feeder and cancels the lines in
+        the engine (which aborts them there); those lines and the unstarted ones get cancelled records,
+        the finished ones keep theirs."""
         results: list[dict[str, Any] | None] = [None] * len(lines)
-        tasks: list[asyncio.Future[None]] = []
-
+        tasks: dict[int, asyncio.Future[None]] = {}
         failed = False
+        aborted_at: list[float] = []
+
+        def stopped() -> bool:
+            return cancel is not None and cancel.cancelled
 
         async def run(i: int, line: Line) -> None:
             nonlocal failed
             try:
                 results[i] = await self._call(key, line)
+            except asyncio.CancelledError:
+                if not stopped():
+                    failed = True
+                    raise
+                results[i] = cancelled_record(key, line)
+                aborted_at.append(time.time())
             except BaseException:
                 failed = True
                 raise
             finally:
-                await self._release()
+                self._release()
 
+        def abort_running() -> None:
+            for t in tasks.values():
+                t.cancel()
+
+        remove = cancel.on_cancel(abort_running) if cancel is not None else None
         try:
             for i, line in enumerate(lines):
+                if stopped():
+                    results[i] = cancelled_record(key, line)
+                    continue
                 if line.error is not None:
                     results[i] = await self.run_line(key, line)
                     continue
                 if failed:
                     break  # e.g. the engine went away: stop feeding, the gather below raises it
-                await self._acquire()
-                tasks.append(asyncio.ensure_future(run(i, line)))
-            await asyncio.gather(*tasks)
+                try:
+                    await self._acquire(key, cancel)
+                except LineCancelled:
+                    results[i] = cancelled_record(key, line)
+                    continue
+                tasks[i] = asyncio.ensure_future(run(i, line))
+            await asyncio.gather(*tasks.values())
         except BaseException:
-            for t in tasks:
+            for t in tasks.values():
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
             raise
+        finally:
+            if remove is not None:
+                remove()
+        if cancel is not None and cancel.at is not None and aborted_at:
+            latency = max(aborted_at) - cancel.at
+            metrics.cancel_latency(latency)
+            logger.info(
+                "batch %s: %d lines aborted; last one %.3f s after the cancel", key, len(aborted_at), latency
+            )
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]

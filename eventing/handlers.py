@@ -17,17 +17,21 @@ from typing import Any
 from cloudevents.http import CloudEvent
 
 from predictors.errors import NotReady, Overloaded
+from predictors.settings import SettingsError
 
 from . import catalog, metrics
-from .batch import JobError, JobFiles, Manifest, accept, job_key, parse_job
-from .chunk import chunks_done, complete, partial_counts, run_chunk
+from .batch import JobError, JobFiles, Manifest, accept, job_key, parse_job, parse_line, split_lines
+from .batches import ENDPOINTS, batch_id_of, batch_object, job_files, new_record
+from .batchstore import BatchStore
+from .cancel import CancelToken, Cancellations, write_marker
+from .chunk import Completion, Progress, complete, job_counts, read_result, run_chunk
 from .config import EventingConfig
 from .dataplane import DataPlaneView
 from .events import BadEvent, Event, make_event
-from .executor import Executor
+from .executor import CANCELLED, Executor
 from .inference import infer
 from .sink import Sink
-from .storage import Storage, StorageError, exists
+from .storage import Storage, StorageError, exists, read_bytes
 
 logger = logging.getLogger("evllm.eventing")
 
@@ -57,6 +61,12 @@ class Handlers:
             collections.OrderedDict()
         )
         self._local_jobs: dict[str, asyncio.Task[None]] = {}
+        self.cancellations = Cancellations()
+        self.store: BatchStore | None = None
+        try:
+            self.store = BatchStore(self.storage.resolve(config.store_uri, write=True))
+        except (StorageError, SettingsError) as exc:
+            logger.warning("no batch store, /openai/v1/files and /batches answer 503: %s", exc)
 
     # Dispatch --------------------------------------------------------------------------------------
     async def handle(self, event: Event) -> Reply:
@@ -75,12 +85,15 @@ class Handlers:
             return Reply(200, await self._dedup(event, self._inference))
         if name == "batch.submitted":
             return await self.submitted(event)
+        if name == "batch.cancel":
+            return await self.cancel_event(event)
         return await self.chunk(event)
 
     async def close(self) -> None:
         for task in self._local_jobs.values():
             task.cancel()
         await asyncio.gather(*self._local_jobs.values(), return_exceptions=True)
+        await self.cancellations.close()
         await self.executor.close()
         if self.sink is not None:
             await self.sink.close()
@@ -147,24 +160,69 @@ class Handlers:
             ),
         )
 
+    def _batch(self, manifest: Manifest, progress: Progress | None = None) -> dict[str, Any]:
+        """The job's OpenAI batch object (blocking), or {} when the batch store does not know it."""
+        if self.store is None:
+            return {}
+        record = self.store.batch(batch_id_of(manifest))
+        if record is None:
+            return {}
+        return batch_object(self.store, self.storage, record, progress)
+
     def _progress(self, manifest: Manifest, files: JobFiles, id_: str) -> CloudEvent:
+        """batch.progress: the OpenAI batch object plus the job's chunk counts (blocking)."""
+        progress = job_counts(files, manifest)
         data = {
+            **self._batch(manifest, progress),
             "job_id": manifest.job_id,
             "output": manifest.output,
-            "chunks_done": chunks_done(files, manifest),
+            "chunks_done": progress.chunks_done,
             "chunks_total": manifest.chunks,
-            "request_counts": partial_counts(files, manifest),
+            "request_counts": progress.request_counts,
         }
         return self._event("batch.progress", data, id_=id_, subject=manifest.job_id, jobid=manifest.job_id)
 
-    def _completed(self, manifest: Manifest, completion: Any) -> CloudEvent:
-        return self._event(
-            "batch.completed",
-            completion.data(),
-            id_=completion.event_id,
-            subject=manifest.job_id,
-            jobid=manifest.job_id,
-        )
+    def _completed(self, manifest: Manifest, completion: Completion) -> CloudEvent:
+        """batch.completed, or batch.cancelled for a cancelled job (blocking)."""
+        if self.store is not None:
+            self.store.set_active(batch_id_of(manifest), False)
+        data = {**self._batch(manifest), **completion.data()}
+        name = "batch.cancelled" if completion.status == CANCELLED else "batch.completed"
+        return self._event(name, data, id_=completion.event_id, subject=manifest.job_id, jobid=manifest.job_id)
+
+    async def announce(self, event: CloudEvent) -> None:
+        """Push a state change nobody's delivery replies with (HTTP create, cancel) to K_SINK. Best effort:
+        the state is in storage either way."""
+        if self.sink is None:
+            return
+        try:
+            await self.sink.send([event])
+        except NotReady as exc:
+            logger.warning("cannot announce %s: %s", event["type"], exc.message)
+
+    def _register(self, manifest: Manifest, files: JobFiles, endpoint: str | None = None) -> None:
+        """Make a batch.submitted job an OpenAI batch too (GET /openai/v1/batches/{id}); blocking."""
+        if self.store is None:
+            return
+        bid = batch_id_of(manifest)
+        if self.store.batch(bid) is not None:
+            return
+        try:
+            lines = split_lines(read_bytes(files.input), files.input.uri)
+            first = parse_line(0, lines[0])
+            endpoint = endpoint or first.url or ENDPOINTS[0]
+            input_id = "file-" + job_key(manifest.output, manifest.job_id) + "-input"
+            if self.store.file(input_id) is None:
+                size = len("\n".join(lines)) + 1
+                self.store.add_file(f"{manifest.job_id}.jsonl", "batch", location=files.input, size=size,
+                                    file_id=input_id)  # fmt: skip
+            record = new_record(bid, endpoint=endpoint, input_file_id=input_id,
+                                metadata={"job_id": manifest.job_id, "output": manifest.output[:512]},
+                                job=files, model=self.dataplane.model_name)  # fmt: skip
+            self.store.set_active(bid, True)
+            self.store.put_batch(record)
+        except (StorageError, OSError) as exc:
+            logger.warning("job %s: cannot register it in the batch store: %s", manifest.job_id, exc)
 
     async def submitted(self, event: Event) -> Reply:
         data = event.data
@@ -176,11 +234,19 @@ class Handlers:
             )
         except JobError as exc:
             return self._failed(event, job_id, exc.message)
-        key = job_key(manifest.output, manifest.job_id)
+        await asyncio.to_thread(self._register, manifest, files)
         # Finished (or every part written and only the merge missing, e.g. a crash during it): complete.
         done = await asyncio.to_thread(complete, files, manifest)
         if done is not None:
-            return Reply(200, self._completed(manifest, done))
+            return Reply(200, await asyncio.to_thread(self._completed, manifest, done))
+        await self.start(manifest, files)
+        key = job_key(manifest.output, manifest.job_id)
+        progress = await asyncio.to_thread(self._progress, manifest, files, f"batch-{key}-accepted")
+        return Reply(200, progress)
+
+    async def start(self, manifest: Manifest, files: JobFiles) -> None:
+        """Run an accepted job: its chunks as events to K_SINK, or here (local mode)."""
+        key = job_key(manifest.output, manifest.job_id)
         if self.sink is not None:
             todo = [i for i in range(manifest.chunks) if not await asyncio.to_thread(_exists_part, files, i)]
             await self.sink.send(self._chunk_event(manifest, i) for i in todo)
@@ -188,8 +254,34 @@ class Handlers:
             task = asyncio.ensure_future(self._run_local(files, manifest))
             self._local_jobs[key] = task
             task.add_done_callback(lambda _: self._local_jobs.pop(key, None))
-        progress = await asyncio.to_thread(self._progress, manifest, files, f"batch-{key}-accepted")
-        return Reply(200, progress)
+
+    async def resume(self) -> None:
+        """Local mode: resume every job the batch store lists as unfinished (after a restart)."""
+        if self.sink is not None or self.store is None:
+            return
+        store = self.store
+        try:
+            ids = await asyncio.to_thread(store.active_ids)
+        except (StorageError, OSError) as exc:
+            logger.warning("cannot list unfinished batch jobs in %s: %s", store.root.uri, exc)
+            return
+        for bid in ids:
+            try:
+                record = await asyncio.to_thread(store.batch, bid)
+                if record is None:
+                    continue
+                files = await asyncio.to_thread(job_files, self.storage, record)
+                manifest = await asyncio.to_thread(files.load_manifest)
+            except (StorageError, OSError) as exc:
+                logger.warning("cannot resume batch %s: %s", bid, exc)
+                continue
+            if manifest is None:
+                continue
+            if await asyncio.to_thread(complete, files, manifest) is not None:
+                await asyncio.to_thread(store.set_active, bid, False)
+                continue
+            logger.info("resuming batch %s (job %s)", bid, manifest.job_id)
+            await self.start(manifest, files)
 
     def _chunk_event(self, manifest: Manifest, index: int) -> CloudEvent:
         key = job_key(manifest.output, manifest.job_id)
@@ -213,27 +305,33 @@ class Handlers:
         chunk ended with the engine draining); the executor's budget bounds the lines in flight."""
         todo = iter(range(manifest.chunks))
         failed = False
+        key = job_key(manifest.output, manifest.job_id)
 
-        async def worker() -> None:
+        async def worker(cancel: CancelToken) -> None:
             nonlocal failed
             for index in todo:  # shared by the workers: each chunk is taken once
-                if failed or not await self._run_local_chunk(files, manifest, index):
+                if failed or not await self._run_local_chunk(files, manifest, index, cancel):
                     failed = True
                     return
 
-        await asyncio.gather(*(worker() for _ in range(min(LOCAL_CHUNKS_AT_ONCE, manifest.chunks))))
+        async with self.cancellations.watch(key, files.cancel) as cancel:
+            workers = min(LOCAL_CHUNKS_AT_ONCE, manifest.chunks)
+            await asyncio.gather(*(worker(cancel) for _ in range(workers)))
         if failed:
             return
         completion = await asyncio.to_thread(complete, files, manifest)
         if completion is not None:
-            logger.info("job %s completed: %s", manifest.job_id, completion.request_counts)
+            await asyncio.to_thread(self._completed, manifest, completion)
+            logger.info("job %s %s: %s", manifest.job_id, completion.status, completion.request_counts)
 
-    async def _run_local_chunk(self, files: JobFiles, manifest: Manifest, index: int) -> bool:
+    async def _run_local_chunk(
+        self, files: JobFiles, manifest: Manifest, index: int, cancel: CancelToken
+    ) -> bool:
         """Run one chunk, retrying while the engine is away; False when it failed for good."""
         delay = 1.0
         while True:
             try:
-                await run_chunk(self.executor, files, manifest, index)
+                await run_chunk(self.executor, files, manifest, index, cancel)
                 return True
             except (NotReady, Overloaded) as exc:
                 logger.warning("job %s chunk %d: %s; retrying in %.0fs", manifest.job_id, index, exc, delay)
@@ -258,16 +356,53 @@ class Handlers:
             raise BadEvent(f"batch.chunk for unknown job {data['job_id']!r} in {out.uri}")
         if data["chunk"] >= manifest.chunks:
             raise BadEvent(f"batch.chunk {data['chunk']} out of range: the job has {manifest.chunks} chunks")
-        await run_chunk(self.executor, files, manifest, data["chunk"])
+        key = job_key(manifest.output, manifest.job_id)
+        async with self.cancellations.watch(key, files.cancel) as cancel:
+            await run_chunk(self.executor, files, manifest, data["chunk"], cancel)
         # Also after a skipped chunk: a crash after the last part file must still complete the job.
         completion = await asyncio.to_thread(complete, files, manifest)
         if completion is not None:
-            return Reply(200, self._completed(manifest, completion))
-        key = job_key(manifest.output, manifest.job_id)
+            return Reply(200, await asyncio.to_thread(self._completed, manifest, completion))
         progress = await asyncio.to_thread(
             self._progress, manifest, files, f"batch-{key}-chunk-{data['chunk']}-done"
         )
         return Reply(200, progress)
+
+    # Cancel ----------------------------------------------------------------------------------------
+    async def cancel_job(self, manifest: Manifest, files: JobFiles) -> CloudEvent:
+        """Cancel a job (idempotent): the marker in storage, this replica's chunks at once; a finished
+        job is left as it is. Returns the state-change event (pushed to K_SINK by the caller's choice)."""
+        key = job_key(manifest.output, manifest.job_id)
+        done = await asyncio.to_thread(read_result, files)
+        if done is not None:
+            return await asyncio.to_thread(self._completed, manifest, done)
+        at = await asyncio.to_thread(write_marker, files.cancel)
+        self.cancellations.fire(key, at)
+        logger.info("batch job %s: cancel requested", manifest.job_id)
+        # Local mode: make sure the job runs somewhere, so its remaining chunks end as cancelled.
+        if self.sink is None:
+            await self.start(manifest, files)
+        return await asyncio.to_thread(self._progress, manifest, files, f"batch-{key}-cancelling")
+
+    async def cancel_event(self, event: Event) -> Reply:
+        catalog.check("batch.cancel", event.data, BadEvent)
+        data = event.data
+        try:
+            if "batch_id" in data:
+                if self.store is None:
+                    raise BadEvent("batch.cancel by batch_id needs the batch store (--batch_store)")
+                record = await asyncio.to_thread(self.store.batch, data["batch_id"])
+                if record is None:
+                    raise BadEvent(f"batch.cancel: no batch {data['batch_id']!r}")
+                files = await asyncio.to_thread(job_files, self.storage, record)
+            else:
+                files = JobFiles(self.storage.resolve(data["output"], write=True), data["job_id"])
+        except StorageError as exc:
+            raise BadEvent(f"batch.cancel: {exc.message}") from None
+        manifest = await asyncio.to_thread(files.load_manifest)
+        if manifest is None:
+            raise BadEvent(f"batch.cancel for unknown job {files.root.uri}")
+        return Reply(200, await self.cancel_job(manifest, files))
 
 
 def _exists_part(files: JobFiles, index: int) -> bool:

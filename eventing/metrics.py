@@ -5,11 +5,11 @@ Labels are bounded: ``model`` is the served model name, ``outcome`` one of the t
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from predictors import metrics as server_metrics
 
-JOB_OUTCOMES = ("accepted", "completed", "failed")
+JOB_OUTCOMES = ("accepted", "completed", "failed", "cancelled")
 CHUNK_OUTCOMES = ("completed", "skipped", "failed", "retried")
 LINE_OUTCOMES = ("succeeded", "failed")
 # The `protocol` label of engine work done for batch lines (set around each line, see executor).
@@ -26,6 +26,13 @@ INFLIGHT_LIMIT = Gauge(
     "evllm_batch_inflight_limit",
     "Batch lines allowed in the engine now (lower while online traffic runs).",
     ["model"],
+)
+
+CANCEL_SECONDS = Histogram(
+    "evllm_batch_cancel_seconds",
+    "Time from a batch cancel to the last of its in-engine lines aborted on this replica, per chunk.",
+    ["model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 
 
@@ -52,6 +59,10 @@ def chunk(outcome: str) -> None:
 
 def line(outcome: str) -> None:
     LINES.labels(server_metrics.model(), _check(outcome, LINE_OUTCOMES)).inc()
+
+
+def cancel_latency(seconds: float) -> None:
+    CANCEL_SECONDS.labels(server_metrics.model()).observe(max(0.0, seconds))
 
 
 def inflight(now: int, limit: int) -> None:

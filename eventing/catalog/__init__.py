@@ -23,8 +23,10 @@ TYPES: dict[str, tuple[str, str]] = {
     "inference.response": ("out", "reply to inference.request"),
     "batch.submitted": ("in", "submit a batch job; reply batch.progress (accepted) or batch.failed"),
     "batch.chunk": ("in/out", "one chunk of a job, emitted to K_SINK and delivered back"),
-    "batch.progress": ("out", "job accepted / chunk done"),
-    "batch.completed": ("out", "all chunks done: merged output, error file, request counts"),
+    "batch.cancel": ("in", "cancel a job; reply batch.progress (cancelling) or its final event"),
+    "batch.progress": ("out", "job accepted / chunk done / cancel requested (+ the OpenAI batch object)"),
+    "batch.completed": ("out", "all chunks done: merged output, error file, request counts (+ batch object)"),
+    "batch.cancelled": ("out", "a cancelled job finished (+ the OpenAI batch object)"),
     "batch.failed": ("out", "job rejected"),
 }
 CONSUMED = tuple(name for name, (direction, _) in TYPES.items() if "in" in direction.split("/"))
