@@ -79,7 +79,7 @@ def check_input(raw: bytes, endpoint: str, model: str, max_lines: int) -> int:
     seen: set[str] = set()
     for n, text in enumerate(lines, 1):
 
-        def bad(message: str, code: str = "invalid_request") -> APIError:
+        def bad(message: str, code: str = "invalid_request", n: int = n) -> APIError:
             return APIError(f"line {n}: {message}", param="input_file_id", code=code)
 
         try:
@@ -97,7 +97,9 @@ def check_input(raw: bytes, endpoint: str, model: str, max_lines: int) -> int:
         if obj.get("method", "POST") != "POST":
             raise bad("method must be POST", "invalid_method")
         if obj.get("url") != endpoint:
-            raise bad(f"url {obj.get('url')!r} does not match the batch's endpoint {endpoint!r}", "invalid_url")
+            raise bad(
+                f"url {obj.get('url')!r} does not match the batch's endpoint {endpoint!r}", "invalid_url"
+            )
         body = obj.get("body")
         if not isinstance(body, dict):
             raise bad("body must be a JSON object", "invalid_body")
@@ -199,9 +201,11 @@ def batch_object(
         counts = result.request_counts
         done_at = result.completed_at or int(time.time())
         obj.update(status=result.status, request_counts=counts, finalizing_at=result.finalizing_at)
-        obj[{"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}.get(
-            result.status, "completed_at"
-        )] = done_at
+        obj[
+            {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}.get(
+                result.status, "completed_at"
+            )
+        ] = done_at
         if result.status == COMPLETED:
             obj["completed_at"] = done_at
         if counts["completed"]:

@@ -6,14 +6,14 @@ from fastapi import FastAPI
 
 from predictors.extension import RoutePolicy
 
-from . import metrics, routes
+from . import metrics, openai_api, routes
 from .config import EventingConfig
 from .dataplane import DataPlaneView
 
 
 class Eventing:
     title = "eventing"
-    description = "CloudEvents endpoint (POST /events) and batch jobs"
+    description = "CloudEvents endpoint (POST /events), batch jobs and the OpenAI Files and Batches API"
     settings = EventingConfig
     # Work done below online traffic (batch lines); /events' own label comes from its RoutePolicy.
     protocols: tuple[str, ...] = (metrics.BATCH_PROTOCOL,)
@@ -26,7 +26,15 @@ class Eventing:
                 metrics.EVENTS_PROTOCOL,
                 max_body_bytes=settings.max_event_bytes,
                 online=False,
-            )
+            ),
+            # Uploads are as large as --max_file_bytes (the route answers OpenAI's 413 past it).
+            RoutePolicy(
+                openai_api.FILES_PATH,
+                "openai",
+                max_body_bytes=settings.max_file_bytes + openai_api.MULTIPART_SLACK,
+                online=False,
+            ),
+            RoutePolicy(openai_api.BATCHES_PATH, "openai", online=False),
         ]
 
     def attach(self, app: FastAPI, dataplane: DataPlaneView, settings: EventingConfig) -> None:

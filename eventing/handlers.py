@@ -23,7 +23,7 @@ from . import catalog, metrics
 from .batch import JobError, JobFiles, Manifest, accept, job_key, parse_job, parse_line, split_lines
 from .batches import ENDPOINTS, batch_id_of, batch_object, job_files, new_record
 from .batchstore import BatchStore
-from .cancel import CancelToken, Cancellations, write_marker
+from .cancel import Cancellations, CancelToken, write_marker
 from .chunk import Completion, Progress, complete, job_counts, read_result, run_chunk
 from .config import EventingConfig
 from .dataplane import DataPlaneView
@@ -61,6 +61,7 @@ class Handlers:
             collections.OrderedDict()
         )
         self._local_jobs: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.cancellations = Cancellations()
         self.store: BatchStore | None = None
         try:
@@ -89,7 +90,16 @@ class Handlers:
             return await self.cancel_event(event)
         return await self.chunk(event)
 
+    def background(self, work: Awaitable[None]) -> None:
+        """Run ``work`` beside the server (cancelled at shutdown)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def close(self) -> None:
+        for task in [*self._background, *self._local_jobs.values()]:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for task in self._local_jobs.values():
             task.cancel()
         await asyncio.gather(*self._local_jobs.values(), return_exceptions=True)
@@ -169,7 +179,7 @@ class Handlers:
             return {}
         return batch_object(self.store, self.storage, record, progress)
 
-    def _progress(self, manifest: Manifest, files: JobFiles, id_: str) -> CloudEvent:
+    def progress_event(self, manifest: Manifest, files: JobFiles, id_: str) -> CloudEvent:
         """batch.progress: the OpenAI batch object plus the job's chunk counts (blocking)."""
         progress = job_counts(files, manifest)
         data = {
@@ -188,7 +198,9 @@ class Handlers:
             self.store.set_active(batch_id_of(manifest), False)
         data = {**self._batch(manifest), **completion.data()}
         name = "batch.cancelled" if completion.status == CANCELLED else "batch.completed"
-        return self._event(name, data, id_=completion.event_id, subject=manifest.job_id, jobid=manifest.job_id)
+        return self._event(
+            name, data, id_=completion.event_id, subject=manifest.job_id, jobid=manifest.job_id
+        )
 
     async def announce(self, event: CloudEvent) -> None:
         """Push a state change nobody's delivery replies with (HTTP create, cancel) to K_SINK. Best effort:
@@ -241,7 +253,7 @@ class Handlers:
             return Reply(200, await asyncio.to_thread(self._completed, manifest, done))
         await self.start(manifest, files)
         key = job_key(manifest.output, manifest.job_id)
-        progress = await asyncio.to_thread(self._progress, manifest, files, f"batch-{key}-accepted")
+        progress = await asyncio.to_thread(self.progress_event, manifest, files, f"batch-{key}-accepted")
         return Reply(200, progress)
 
     async def start(self, manifest: Manifest, files: JobFiles) -> None:
@@ -364,7 +376,7 @@ class Handlers:
         if completion is not None:
             return Reply(200, await asyncio.to_thread(self._completed, manifest, completion))
         progress = await asyncio.to_thread(
-            self._progress, manifest, files, f"batch-{key}-chunk-{data['chunk']}-done"
+            self.progress_event, manifest, files, f"batch-{key}-chunk-{data['chunk']}-done"
         )
         return Reply(200, progress)
 
@@ -382,7 +394,7 @@ class Handlers:
         # Local mode: make sure the job runs somewhere, so its remaining chunks end as cancelled.
         if self.sink is None:
             await self.start(manifest, files)
-        return await asyncio.to_thread(self._progress, manifest, files, f"batch-{key}-cancelling")
+        return await asyncio.to_thread(self.progress_event, manifest, files, f"batch-{key}-cancelling")
 
     async def cancel_event(self, event: Event) -> Reply:
         catalog.check("batch.cancel", event.data, BadEvent)

@@ -6,6 +6,7 @@ import logging
 
 from fastapi import FastAPI, Request, Response
 
+from . import openai_api
 from .config import EventingConfig
 from .dataplane import DataPlaneView
 from .events import encode, parse_http
@@ -17,8 +18,9 @@ EVENTS_PATH = "/events"
 
 
 def attach(app: FastAPI, dataplane: DataPlaneView, config: EventingConfig) -> Handlers:
-    """Add ``POST /events`` to ``app`` (the server's body limit middleware enforces --max_event_bytes);
-    background work stops with the app's shutdown."""
+    """Add ``POST /events`` and the OpenAI Files and Batches API to ``app`` (the server's body limit
+    middleware enforces --max_event_bytes); unfinished local jobs resume at startup, background work
+    stops with the app's shutdown."""
     handlers = Handlers(dataplane, config)
     if handlers.sink is not None:
         logger.info("K_SINK=%s: batch chunks are emitted as events", handlers.sink.url)
@@ -31,5 +33,11 @@ def attach(app: FastAPI, dataplane: DataPlaneView, config: EventingConfig) -> Ha
         headers, payload = encode(reply.event, binary=event.binary)
         return Response(payload, status_code=reply.status, headers=headers)
 
+    openai_api.attach(app, handlers, dataplane.model_name)
+
+    async def resume() -> None:
+        handlers.background(handlers.resume())
+
+    app.router.add_event_handler("startup", resume)
     app.router.add_event_handler("shutdown", handlers.close)
     return handlers

@@ -123,7 +123,10 @@ def test_local_job_overlaps_chunks_and_reads_its_input_once(tmp_path: Path, monk
         # Chunks a and b start together; b finishes quickly and c starts while "slow" still runs (one
         # chunk at a time, c would wait for a's last line).
         assert "slow" in dp.seen_with["c0"] and "slow" in dp.seen_with["c1"]
-        assert any(p.startswith("a") for p in dp.seen_with["b3"])
+        # (Either may start first: each reads its own state in a worker thread.)
+        assert any(p.startswith("a") for p in dp.seen_with["b3"]) or any(
+            p.startswith("b") for p in dp.seen_with["slow"]
+        )
         # Never more than two chunks at once.
         chunk_of = {p: i // 4 for i, p in enumerate(prompts)}
         assert max(len({chunk_of[p] for p in {q, *seen}}) for q, seen in dp.seen_with.items()) == 2
