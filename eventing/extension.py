@@ -13,7 +13,7 @@ from .dataplane import DataPlaneView
 
 class Eventing:
     title = "eventing"
-    description = "CloudEvents endpoint (POST /events), batch jobs and the OpenAI Files and Batches API"
+    description = "CloudEvents (POST /events), batch jobs, OpenAI Files + Batches API"
     settings = EventingConfig
     # Work done below online traffic (batch lines); /events' own label comes from its RoutePolicy.
     protocols: tuple[str, ...] = (metrics.BATCH_PROTOCOL,)

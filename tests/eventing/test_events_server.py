@@ -358,7 +358,7 @@ def test_help_lists_the_eventing_group_with_its_variables() -> None:
     from predictors.server import build_parser
 
     text = build_parser([Eventing()]).format_help()
-    assert "CloudEvents endpoint (POST /events), batch jobs and the OpenAI Files and Batches API" in text
+    assert "CloudEvents (POST /events), batch jobs, OpenAI Files + Batches API" in text
     for flag, var in [("--events_prefix", "EVLLM_EVENTS_PREFIX"), ("--storage_roots", "EVLLM_STORAGE_ROOTS"),
                       ("--max_event_bytes", "EVLLM_MAX_EVENT_BYTES"), ("--sink", "K_SINK")]:  # fmt: skip
         assert flag in text and var in text
