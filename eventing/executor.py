@@ -225,12 +225,13 @@ class Executor:
     async def run_lines(
         self, key: str, lines: list[Line], cancel: CancelToken | None = None
     ) -> list[dict[str, Any]]:
-        """Run a chunk's lines. One feeder takes a slot before starting each line, so thousands of
-        pending lines never wait at once. A fired ``cancel`` stops the feeder and cancels the lines in
-        the engine (which aborts them there); those lines and the unstarted ones get cancelled records,
-        the finished ones keep theirs."""
+        """Run a chunk's lines. Each line waits for its own slot (in its job's queue, so the job gets its
+        round-robin share whatever the number of its chunks here), at most ``limit.high`` lines of the
+        chunk at once. A fired ``cancel`` cancels the lines in the engine (which aborts them there) and
+        the waiting ones; those get cancelled records, the finished ones keep theirs."""
         results: list[dict[str, Any] | None] = [None] * len(lines)
-        tasks: dict[int, asyncio.Future[None]] = {}
+        tasks: set[asyncio.Future[None]] = set()
+        running: set[asyncio.Future[None]] = set()
         failed = False
         aborted_at: list[float] = []
 
@@ -239,6 +240,19 @@ class Executor:
 
         async def run(i: int, line: Line) -> None:
             nonlocal failed
+            try:
+                await self._acquire(key, cancel)
+            except LineCancelled:
+                results[i] = cancelled_record(key, line)
+                return
+            except asyncio.CancelledError:
+                if not stopped():
+                    raise
+                results[i] = cancelled_record(key, line)
+                return
+            me = asyncio.current_task()
+            assert me is not None
+            running.add(me)
             try:
                 results[i] = await self._call(key, line)
             except asyncio.CancelledError:
@@ -251,10 +265,11 @@ class Executor:
                 failed = True
                 raise
             finally:
+                running.discard(me)
                 self._release()
 
         def abort_running() -> None:
-            for t in tasks.values():
+            for t in list(running):
                 t.cancel()
 
         remove = cancel.on_cancel(abort_running) if cancel is not None else None
@@ -266,19 +281,19 @@ class Executor:
                 if line.error is not None:
                     results[i] = await self.run_line(key, line)
                     continue
+                while len(tasks) >= self.limit.high and not failed:
+                    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for t in tasks - pending:
+                        t.result()  # an engine failure raises here
+                    tasks = set(pending)
                 if failed:
                     break  # e.g. the engine went away: stop feeding, the gather below raises it
-                try:
-                    await self._acquire(key, cancel)
-                except LineCancelled:
-                    results[i] = cancelled_record(key, line)
-                    continue
-                tasks[i] = asyncio.ensure_future(run(i, line))
-            await asyncio.gather(*tasks.values())
+                tasks.add(asyncio.ensure_future(run(i, line)))
+            await asyncio.gather(*tasks)
         except BaseException:
-            for t in tasks.values():
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
             if remove is not None:
