@@ -1,4 +1,5 @@
-"""OpenAI batch files, and evllm batch jobs submitted as `<prefix>.batch.submitted` CloudEvents."""
+"""OpenAI batch files, and evllm batch jobs submitted as `<prefix>.batch.submitted` CloudEvents or through
+the OpenAI Batch API (`/openai/v1/files` + `/openai/v1/batches`, with the official client)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,35 @@ def run_job(
     submit(base_url, inp, out, job_id, chunk_size)
     wait_done(out, job_id, timeout)
     return time.perf_counter() - t0, out / job_id / "output.jsonl"
+
+
+FINISHED = ("completed", "failed", "expired", "cancelled")
+
+
+def run_http_job(
+    base_url: str, inp: Path, out: Path, timeout: float = 3600.0, poll: float = 0.1
+) -> tuple[float, Path]:
+    """The same job through the OpenAI Batch API with the official client: upload, create, poll until it
+    ends. Seconds from the upload to the finished batch, and its output file (downloaded after timing)."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/openai/v1", api_key="bench", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+    with open(inp, "rb") as fh:
+        uploaded = client.files.create(file=(inp.name, fh), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + timeout
+    while batch.status not in FINISHED:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch.id} still {batch.status} after {timeout:.0f}s")
+        time.sleep(poll)
+        batch = client.batches.retrieve(batch.id)
+    secs = time.perf_counter() - t0
+    if batch.status != "completed" or batch.output_file_id is None:
+        raise RuntimeError(f"batch {batch.id} ended {batch.status}: {batch.request_counts}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(client.files.content(batch.output_file_id).content)
+    client.close()
+    return secs, out

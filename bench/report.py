@@ -81,6 +81,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         rb, ev = s["batch"]["run_batch"], s["batch"]["evllm"]
         s["batch"]["marginal_ratio"] = ev["marginal_tok_s"] / rb["marginal_tok_s"]
         s["batch"]["e2e_ratio_with_start"] = s["batch"]["evllm+start"]["e2e_tok_s_big"] / rb["e2e_tok_s_big"]
+    if "run_batch" in s["batch"] and "evllm-http" in s["batch"]:
+        s["batch"]["http_marginal_ratio"] = (
+            s["batch"]["evllm-http"]["marginal_tok_s"] / s["batch"]["run_batch"]["marginal_tok_s"]
+        )
     # Priority: p95 under batch / idle p95, per repeat.
     pr: dict[int, dict[str, Any]] = defaultdict(dict)
     for p in results["priority"]:
@@ -210,12 +214,14 @@ def markdown(results: dict[str, Any], s: dict[str, Any]) -> str:
             "",
             f"evllm: a `batch.submitted` CloudEvent to a running `evllm serve` (chunk_size "
             f"{cfg['chunk_size'] or 'default'}), timed from submit to `result.json`; "
-            "`+start` adds that server's cold start. run_batch: process start to exit.",
+            "`+start` adds that server's cold start. evllm-http: the same lines through the OpenAI Batch API "
+            "on the same server (official client: upload, create, poll until completed). run_batch: process "
+            "start to exit.",
             "",
             f"| runner | {small} lines s | {big} lines s | e2e tok/s ({big}) | marginal lines/s | marginal tok/s |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        for runner in ("run_batch", "evllm", "evllm+start"):
+        for runner in ("run_batch", "evllm", "evllm+start", "evllm-http"):
             if runner not in b:
                 continue
             r = b[runner]
@@ -227,6 +233,11 @@ def markdown(results: dict[str, Any], s: dict[str, Any]) -> str:
         if "marginal_ratio" in b:
             lines += ["", f"Marginal tok/s ratio evllm / run_batch: **{_f(b['marginal_ratio'])}**; "
                       f"end to end incl. engine start ({big} lines): **{_f(b['e2e_ratio_with_start'])}**."]  # fmt: skip
+        if "http_marginal_ratio" in b:
+            lines += [
+                "",
+                f"Marginal tok/s ratio evllm OpenAI Batch API / run_batch: **{_f(b['http_marginal_ratio'])}**.",
+            ]
     p = s["priority"]
     if p:
         lines += [

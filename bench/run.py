@@ -167,6 +167,14 @@ class Bench:
                 self.results["batch"].append({"repeat": rep, "runner": "evllm", "lines": n,
                                               "seconds": secs, "ok": ok, "tokens": tokens,
                                               "cold_start": srv.cold_start})  # fmt: skip
+                # The same lines through the OpenAI Batch API (upload, create, poll) on the same server.
+                secs, output = batchjobs.run_http_job(
+                    srv.url, self.files[n], self.work / f"http-{rep}-{n}.jsonl"
+                )
+                ok, tokens = batchjobs.count_output(output)
+                self.log(f"evllm OpenAI Batch API {n} lines: {secs:.1f}s ({ok} ok, {tokens} tokens)")
+                self.results["batch"].append({"repeat": rep, "runner": "evllm-http", "lines": n,
+                                              "seconds": secs, "ok": ok, "tokens": tokens})  # fmt: skip
             self.save()
         if "priority" in self.cfg.sections:
             self.priority(rep, srv)

@@ -47,9 +47,11 @@ def check_report(out: Path, url: str, concurrency: list[int], storage: Path) -> 
     assert series == {("evllm", p, c) for p in PROTOCOLS for c in concurrency}
     assert all(r["requests"] > 0 and r["errors"] == 0 and r["tok_s"] > 0 for r in results["online"])
     assert results["cold_start"] == []  # nothing was started
-    (job,) = results["batch"]
-    assert (job["runner"], job["lines"], job["ok"]) == ("evllm", 8, 8)
-    assert job["tokens"] == load.OUTPUT_TOKENS * 8
+    # The same 8 lines as a batch.submitted event and through the OpenAI Batch API (official client).
+    jobs = {job["runner"]: job for job in results["batch"]}
+    assert sorted(jobs) == ["evllm", "evllm-http"]
+    for job in jobs.values():
+        assert (job["lines"], job["ok"], job["tokens"]) == (8, 8, load.OUTPUT_TOKENS * 8)
     assert {p["state"] for p in results["priority"]} == {"idle", "batch"}
     busy = next(p for p in results["priority"] if p["state"] == "batch")
     assert busy["job_counts"] == {"total": 12, "completed": 12, "failed": 0}
@@ -59,6 +61,7 @@ def check_report(out: Path, url: str, concurrency: list[int], storage: Path) -> 
     assert md.startswith(f"# evllm serve at {url} (attached")
     for section in ("## Targets", "## Online (closed loop)", "## Batch (", "## Priority ("):
         assert section in md
+    assert "| evllm-http |" in md
     assert "## Cold start" not in md and "| evllm+start |" not in md  # no cold start was measured
     for label in ("evllm OpenAI", "evllm V2 infer", "evllm V2 generate"):
         assert f"| {concurrency[0]} | {label} |" in md
