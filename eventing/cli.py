@@ -1,11 +1,13 @@
-"""`evllm send` and `evllm batch submit|status`: post CloudEvents, inspect batch jobs in storage."""
+"""`evllm send` and `evllm batch submit|status`: post CloudEvents, inspect and follow batch jobs in storage."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ def add_parsers(subparsers: Any) -> None:
     submit.add_argument(
         "--events_prefix", default=DEFAULT_PREFIX, help=f"event type prefix (default {DEFAULT_PREFIX})"
     )
+    _follow_flags(submit, "--wait", "after submitting, show a live progress bar until the job ends")
     _common(submit)
     submit.set_defaults(func=submit_command)
 
@@ -62,7 +65,14 @@ def add_parsers(subparsers: Any) -> None:
     )
     status.add_argument("output", help="the job's output directory URI")
     status.add_argument("--job_id", required=True)
+    _follow_flags(status, "--follow", "show a live progress bar until the job ends")
     status.set_defaults(func=status_command)
+
+
+def _follow_flags(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    p.add_argument(flag, dest="follow", action="store_true",
+                   help=help + " (lines done/total, failed, rate, ETA); exit 1 unless it completed")  # fmt: skip
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between progress reads (default 1)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -134,7 +144,10 @@ def submit_command(args: argparse.Namespace) -> int:
     event = make_event(f"{args.events_prefix}.batch.submitted", args.source, data, id_=args.id, subject=job_id,
                        extensions=_extensions(args, []))  # fmt: skip
     print(f"job_id: {job_id}", file=sys.stderr)
-    return _post(args.url, event, binary=True, timeout=args.timeout)
+    code = _post(args.url, event, binary=True, timeout=args.timeout)
+    if code != 0 or not args.follow:
+        return code
+    return follow(args.output, job_id, interval=args.interval)
 
 
 def job_status(output: str, job_id: str) -> dict[str, Any]:
@@ -167,9 +180,81 @@ def job_status(output: str, job_id: str) -> dict[str, Any]:
     return status
 
 
+ENDED = ("completed", "cancelled", "expired", "failed")
+
+
+class ProgressBar:
+    """One line: bar, lines done/total, failed, rate and ETA (rate over what this watcher saw)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, width: int = 30):
+        self.clock, self.width = clock, width
+        self.first: tuple[float, int] | None = None
+
+    def render(self, status: dict[str, Any]) -> str:
+        counts = status.get("request_counts") or {}
+        total = int(counts.get("total") or 0)
+        done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+        now = self.clock()
+        if self.first is None:
+            self.first = (now, done)
+        t0, d0 = self.first
+        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
+        filled = int(self.width * done / total) if total else 0
+        bar = "#" * filled + "-" * (self.width - filled)
+        text = f"[{bar}] {done}/{total} lines, {counts.get('failed', 0)} failed"
+        if rate is not None:
+            eta = (total - done) / rate
+            text += f", {rate:.1f} lines/s, ETA {_duration(eta)}"
+        return f"{text}  {status['state']}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def follow(
+    output: str,
+    job_id: str,
+    *,
+    interval: float = 1.0,
+    sleep: Callable[[float], None] = time.sleep,
+    bar: ProgressBar | None = None,
+) -> int:
+    """Redraw the job's progress until it ends (a line per update when stderr is not a terminal); print
+    the final status as JSON. 0 if it completed, 1 otherwise (failed, cancelled, expired, not found)."""
+    from .storage import StorageError
+
+    bar = bar or ProgressBar()
+    tty = sys.stderr.isatty()
+    last = ""
+    while True:
+        try:
+            status = job_status(output, job_id)
+        except StorageError as exc:
+            print(f"\nerror: {exc.message}", file=sys.stderr)
+            return 1
+        line = bar.render(status) if status["state"] != "not found" else f"job {job_id}: not found yet"
+        if line != last:
+            print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            last = line
+        if status["state"] in ENDED:
+            if tty:
+                print(file=sys.stderr)
+            print(json.dumps(status, indent=2))
+            return 0 if status["state"] == "completed" else 1
+        sleep(interval)
+
+
 def status_command(args: argparse.Namespace) -> int:
     from .storage import StorageError
 
+    if args.follow:
+        return follow(args.output, args.job_id, interval=args.interval)
     try:
         status = job_status(args.output, args.job_id)
     except StorageError as exc:

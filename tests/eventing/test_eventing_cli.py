@@ -127,3 +127,66 @@ def test_status_reads_progress_and_completion(tmp_path: Path, capsys: pytest.Cap
     assert status["request_counts"] == {"total": len(good) + bad, "completed": len(good), "failed": bad}
     args = parser().parse_args(["batch", "status", str(tmp_path / "o"), "--job_id", "other"])
     assert args.func(args) == 1
+
+
+def test_progress_bar_shows_done_total_failed_rate_and_eta() -> None:
+    now = [100.0]
+    bar = cli.ProgressBar(clock=lambda: now[0], width=10)
+    status = {"state": "in_progress", "request_counts": {"total": 100, "completed": 10, "failed": 0}}
+    assert bar.render(status) == "[#---------] 10/100 lines, 0 failed  in_progress"
+    now[0] = 110.0
+    status["request_counts"] = {"total": 100, "completed": 55, "failed": 5}
+    # 50 lines in 10 s: 5 lines/s, 40 to go: 8 s.
+    assert bar.render(status) == "[######----] 60/100 lines, 5 failed, 5.0 lines/s, ETA 8s  in_progress"
+
+
+def follow_job(tmp_path: Path, capsys: pytest.CaptureFixture[str], *, cancel: bool) -> tuple[int, list[str]]:
+    """A local job running in the event loop while `follow` watches its storage from a thread."""
+    inp = [{"custom_id": f"c{i}", "url": "/v1/completions", "body": {"prompt": f"p{i}"}} for i in range(12)]
+
+    async def main() -> int:
+        async with events_client(FakeDataPlane(delay=0.02), tmp_path, batch_max_inflight=2) as client:
+            data = {"job_id": "fw", "input": inp, "output": str(tmp_path / "o"), "chunk_size": 3}
+            headers, body = to_binary(
+                CloudEvent({"type": "dev.evllm.batch.submitted", "source": "/t", "id": "1"}, data)
+            )
+            await client.post("/events", headers=headers, content=body)
+            watcher = asyncio.ensure_future(
+                asyncio.to_thread(cli.follow, str(tmp_path / "o"), "fw", interval=0.01)
+            )
+            if cancel:
+                await asyncio.sleep(0.05)
+                ev = CloudEvent({"type": "dev.evllm.batch.cancel", "source": "/t", "id": "2"},
+                                {"job_id": "fw", "output": str(tmp_path / "o")})  # fmt: skip
+                headers, body = to_binary(ev)
+                assert (await client.post("/events", headers=headers, content=body)).status_code == 200
+            return await watcher
+
+    code = asyncio.run(main())
+    captured = capsys.readouterr()
+    return code, [line for line in captured.err.splitlines() if line.startswith("[")]
+
+
+def test_follow_shows_progress_until_the_job_completes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, lines = follow_job(tmp_path, capsys, cancel=False)
+    assert code == 0
+    assert len(lines) >= 2
+    assert "] 12/12 lines, 0 failed" in lines[-1] and lines[-1].endswith("completed")
+    assert any("lines/s, ETA" in line for line in lines)
+
+
+def test_follow_exits_non_zero_for_a_cancelled_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, lines = follow_job(tmp_path, capsys, cancel=True)
+    assert code == 1 and lines[-1].endswith("cancelled")
+
+
+def test_submit_wait_and_status_follow_flags() -> None:
+    args = parser().parse_args(["batch", "submit", "http://x", "--input", "i", "--output", "/o", "--wait",
+                                "--interval", "0.5"])  # fmt: skip
+    assert args.follow is True and args.interval == 0.5
+    args = parser().parse_args(["batch", "status", "/o", "--job_id", "j", "--follow"])
+    assert args.follow is True
