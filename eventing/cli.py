@@ -208,8 +208,8 @@ class ProgressBar:
         return f"{text}  {status['state']}"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+def _duration(secs: float) -> str:
+    seconds = round(secs)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     if seconds >= 60:
