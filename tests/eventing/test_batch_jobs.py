@@ -401,3 +401,44 @@ def test_job_over_the_line_limit_fails(tmp_path: Path) -> None:
             await wait_local_jobs(client)
 
     asyncio.run(main())
+
+
+def test_sink_mode_counts_are_linear_and_exact_under_redelivery(tmp_path: Path, monkeypatch) -> None:
+    """Each chunk reply carries the job's counts without re-reading every part written so far: part reads
+    stay O(chunks) for the whole job (they were O(chunks^2)), and a redelivered chunk is not counted
+    twice, even when counts.json lost an update (two replicas writing it at once)."""
+    part_reads: list[str] = []
+    records = chunk._records
+    monkeypatch.setattr(chunk, "_records", lambda files, i: part_reads.append(i) or records(files, i))
+    chunks = 40
+
+    async def main() -> None:
+        async with events_client(FakeDataPlane(), tmp_path) as client:
+            client.handlers.sink = RecordingSink()
+            lines = [completion_line(f"c{i}", "bad" if i % 5 == 0 else f"p{i}") for i in range(chunks * 2)]
+            data = {"job_id": "lin", "input": lines, "output": str(tmp_path / "o"), "chunk_size": 2}
+            await post(client, submitted(data))
+            events = list(client.handlers.sink.events)
+            assert len(events) == chunks
+            replies = []
+            for n, ev in enumerate(events[:-1]):
+                if n == 10:  # a lost update: counts.json without chunk 9's entry
+                    counts = json.loads((tmp_path / "o" / "lin" / "counts.json").read_text())
+                    del counts["chunks"]["9"]
+                    (tmp_path / "o" / "lin" / "counts.json").write_text(json.dumps(counts))
+                status, reply = await post(client, to_binary(ev))
+                assert status == 200
+                replies.append(reply.data["request_counts"])
+                # Redelivered: same counts, nothing counted twice.
+                status, again = await post(client, to_binary(ev))
+                assert again.data["request_counts"] == reply.data["request_counts"]
+            done = 2 * (chunks - 1)  # lines in the chunks delivered so far; every 5th is "bad" (a 400)
+            failed = len([i for i in range(done) if i % 5 == 0])
+            assert replies[-1] == {"total": 2 * chunks, "completed": done - failed, "failed": failed}
+            # Only the part whose counts.json entry was lost was read back; none for the others.
+            assert part_reads == [9]
+            status, final = await post(client, to_binary(events[-1]))
+            assert final["type"] == "dev.evllm.batch.completed"
+            assert final.data["request_counts"]["failed"] == 16
+
+    asyncio.run(main())

@@ -343,3 +343,58 @@ def test_bad_batch_requests_get_openai_errors(tmp_path: Path) -> None:
                 assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
 
     asyncio.run(main())
+
+
+def test_sink_mode_pushes_every_state_change_with_the_batch_object(tmp_path: Path) -> None:
+    from openai.types import Batch
+
+    from tests.conftest import Broker
+
+    ingress = Broker()
+    ingress.forward = False  # this test delivers the chunks itself, to see each reply
+    ingress.thread.start()
+
+    async def deliver(http: httpx.AsyncClient, event: CloudEvent) -> CloudEvent:
+        headers, body = to_binary(event)
+        resp = await http.post("/events", headers=headers, content=body)
+        assert resp.status_code == 200, resp.text
+        return from_http(dict(resp.headers), resp.content)
+
+    def pushed(type_: str) -> list[CloudEvent]:
+        return [e for e in ingress.events if e["type"] == f"dev.evllm.{type_}"]
+
+    async def main() -> None:
+        async with running(tmp_path, "--sink", ingress.url, "--batch_chunk_size", "2") as (s, client):
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=s.app), base_url="http://predictor")
+            async with http:
+                # A job that completes: accepted (pushed), one progress reply per chunk, completed.
+                batch = await submit(client, jsonl(4))
+                (accepted,) = pushed("batch.progress")
+                assert accepted.data["id"] == batch.id and accepted.data["status"] == "in_progress"
+                chunks = pushed("batch.chunk")
+                assert [c.data["chunk"] for c in chunks] == [0, 1]
+                progress = await deliver(http, chunks[0])
+                assert progress["type"] == "dev.evllm.batch.progress"
+                assert Batch.model_validate(progress.data).request_counts.completed == 2  # type: ignore[union-attr]
+                done = await deliver(http, chunks[1])
+                assert done["type"] == "dev.evllm.batch.completed"
+                final = Batch.model_validate(done.data)
+                assert final.status == "completed" and final.output_file_id and final.id == batch.id
+                # A job cancelled after its first chunk: cancelling (pushed), then batch.cancelled.
+                other = await submit(client, jsonl(4, prefix="x"))
+                chunks = pushed("batch.chunk")[2:]
+                await deliver(http, chunks[0])
+                await client.batches.cancel(other.id)
+                cancelling = pushed("batch.progress")[-1]
+                assert cancelling.data["id"] == other.id and cancelling.data["status"] == "cancelling"
+                cancelled = await deliver(http, chunks[1])
+                assert cancelled["type"] == "dev.evllm.batch.cancelled"
+                last = Batch.model_validate(cancelled.data)
+                assert last.status == "cancelled" and last.request_counts is not None
+                assert (last.request_counts.completed, last.request_counts.failed) == (2, 2)
+
+    try:
+        asyncio.run(main())
+    finally:
+        ingress.server.shutdown()
+        ingress.server.server_close()
