@@ -398,3 +398,25 @@ def test_sink_mode_pushes_every_state_change_with_the_batch_object(tmp_path: Pat
     finally:
         ingress.server.shutdown()
         ingress.server.server_close()
+
+
+def test_any_replica_answers_for_any_batch(tmp_path: Path) -> None:
+    """Two servers over one storage: a batch created on one is read, listed and cancelled on the other
+    (the state is in storage, not in the replica that took the request)."""
+
+    async def main() -> None:
+        argv = ("--batch_chunk_size", "2", "--batch_max_inflight", "1")
+        async with (
+            running(tmp_path, *argv, delay=0.02) as (_, a),
+            running(tmp_path, *argv, delay=0.02) as (_, b),
+        ):
+            batch = await submit(a, jsonl(10))
+            seen = await b.batches.retrieve(batch.id)
+            assert seen.id == batch.id and seen.input_file_id == batch.input_file_id
+            assert [x.id for x in (await b.batches.list()).data] == [batch.id]
+            assert (await b.files.content(batch.input_file_id)).content == jsonl(10)
+            await b.batches.cancel(batch.id)  # replica a runs the job: it sees the marker within a poll
+            done = await wait(a, batch.id)
+            assert done.status == "cancelled" and done.request_counts.failed > 0  # type: ignore[union-attr]
+
+    asyncio.run(main())
