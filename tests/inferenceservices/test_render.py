@@ -36,6 +36,7 @@ def test_render_validates(gpus: int) -> None:
         "Trigger",
         "Trigger",
         "Trigger",
+        "Trigger",
     ]
     for obj in objs:
         assert manifests.validate(obj, CRD_DIR) == []
@@ -74,12 +75,14 @@ def test_trigger_flags_patch_every_trigger() -> None:
     )
     triggers = [o for o in objs if o["kind"] == "Trigger"]
     assert sorted(t["metadata"]["name"] for t in triggers) == [
+        "qwen-7b-batch-cancel",
         "qwen-7b-batch-chunk",
         "qwen-7b-batch-submitted",
         "qwen-7b-inference-request",
     ]
     types = sorted(t["spec"]["filter"]["attributes"]["type"] for t in triggers)
     assert types == [
+        "com.example.llm.batch.cancel",
         "com.example.llm.batch.chunk",
         "com.example.llm.batch.submitted",
         "com.example.llm.inference.request",
@@ -113,6 +116,7 @@ def test_trigger_defaults_are_the_shipped_ones() -> None:
         "dev.evllm.inference.request": 3,
         "dev.evllm.batch.submitted": 5,
         "dev.evllm.batch.chunk": 8,
+        "dev.evllm.batch.cancel": 5,
     }
     for t in triggers.values():
         assert t["spec"]["broker"] == "evllm"
@@ -199,6 +203,7 @@ def test_cli_prints_yaml_that_validates() -> None:
     assert [o["kind"] for o in objs] == [
         "ClusterServingRuntime",
         "InferenceService",
+        "Trigger",
         "Trigger",
         "Trigger",
         "Trigger",

@@ -97,7 +97,7 @@ def test_render_triggers_are_the_shipped_ones(capsys: pytest.CaptureFixture[str]
     ours = by_identity(rendered([*OVERLAY_ARGS["gpu-1x"], "--triggers"], capsys))
     theirs = by_identity(kustomize(ROOT / "eventing" / "knative"))
     triggers = {key for key in theirs if key[0] == "Trigger"}
-    assert len(triggers) == 3
+    assert len(triggers) == 4
     assert {key for key in ours if key[0] == "Trigger"} == triggers
     for key in triggers:
         assert differences(ours[key], theirs[key]) == [], key
