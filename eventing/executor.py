@@ -143,6 +143,8 @@ class Executor:
     async def _acquire(self, job: str = "", cancel: CancelToken | None = None) -> None:
         """Take a slot for one line of ``job``; LineCancelled if the job is cancelled meanwhile."""
         self._ensure_watcher()
+        if cancel is not None and cancel.cancelled:
+            raise LineCancelled()
         if not self._waiting and self.inflight < self.limit.current():
             self.inflight += 1
             metrics.inflight(self.inflight, self.limit.current())
@@ -232,6 +234,7 @@ class Executor:
         results: list[dict[str, Any] | None] = [None] * len(lines)
         tasks: set[asyncio.Future[None]] = set()
         running: set[asyncio.Future[None]] = set()
+        aborted: set[asyncio.Future[None]] = set()  # running lines this cancel cancelled
         failed = False
         aborted_at: list[float] = []
 
@@ -250,11 +253,20 @@ class Executor:
                     raise
                 results[i] = cancelled_record(key, line)
                 return
+            if stopped():  # granted just as the job was cancelled
+                self._release()
+                results[i] = cancelled_record(key, line)
+                return
             me = asyncio.current_task()
             assert me is not None
             running.add(me)
             try:
                 results[i] = await self._call(key, line)
+                if me in aborted:
+                    # vLLM's serving classes turn the cancellation into a "Client disconnected" answer
+                    # (the request is aborted in the engine all the same): the line was cancelled.
+                    results[i] = cancelled_record(key, line)
+                    aborted_at.append(time.time())
             except asyncio.CancelledError:
                 if not stopped():
                     failed = True
@@ -270,6 +282,7 @@ class Executor:
 
         def abort_running() -> None:
             for t in list(running):
+                aborted.add(t)
                 t.cancel()
 
         remove = cancel.on_cancel(abort_running) if cancel is not None else None
@@ -288,6 +301,9 @@ class Executor:
                     tasks = set(pending)
                 if failed:
                     break  # e.g. the engine went away: stop feeding, the gather below raises it
+                if stopped():  # cancelled while this line waited for room in the window
+                    results[i] = cancelled_record(key, line)
+                    continue
                 tasks.add(asyncio.ensure_future(run(i, line)))
             await asyncio.gather(*tasks)
         except BaseException:

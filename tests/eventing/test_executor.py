@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -192,6 +193,39 @@ def test_inflight_gauges_follow_the_executor() -> None:
             await asyncio.gather(ex.run_lines("k", lines(6)), watch())
         assert (2.0, 2.0) in seen  # two lines in the engine, limit 2 under online load
         assert gauge("evllm_batch_inflight") == 0
+        await ex.close()
+
+    asyncio.run(main())
+
+
+def test_cancel_aborts_lines_even_when_the_serving_layer_answers_instead() -> None:
+    """vLLM's serving classes catch the cancellation and answer "Client disconnected" (the engine aborts
+    the request all the same): those lines are cancelled, not failed with that answer."""
+    from eventing.cancel import CancelToken
+
+    async def main() -> None:
+        dp = FakeDataPlane()
+        started = asyncio.Event()
+
+        async def swallowing(url, body, *, priority=0):
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                return 400, {
+                    "error": {"message": "Client disconnected", "type": "BadRequestError", "code": 400}
+                }
+            return 200, {"choices": []}
+
+        dp.openai_call = swallowing  # type: ignore[method-assign]
+        ex = Executor(dp, low=2, high=2)
+        token = CancelToken()
+        run = asyncio.ensure_future(ex.run_lines("k", lines(5), token))
+        await started.wait()
+        token.fire(time.time())
+        records = await asyncio.wait_for(run, 2)
+        assert [r["error"]["code"] for r in records] == ["cancelled"] * 5
+        assert ex.inflight == 0
         await ex.close()
 
     asyncio.run(main())
