@@ -145,6 +145,16 @@ class BatchStore:
         ids, more = _page(self.batch_index, after_key, limit)
         return [b for b in (self.batch(i) for i in ids) if b is not None], more
 
+    def delete_batch(self, record: dict[str, Any]) -> None:
+        """Forget a batch whose creation failed half-way (its job is left to the cancel marker)."""
+        for loc in (
+            self.batch_index.child(_index_key(record["created_us"], record["id"])),
+            self.batches.child(f"{record['id']}.json"),
+            self.active.child(record["id"]),
+        ):
+            if exists(loc):
+                loc.fs.rm(loc.path)
+
     def set_active(self, batch_id: str, active: bool) -> None:
         marker = self.active.child(batch_id)
         if active:

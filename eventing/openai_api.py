@@ -37,6 +37,7 @@ from .batches import (
     not_found,
 )
 from .batchstore import BATCH_ID, FILE_ID, BatchStore
+from .cancel import write_marker
 from .handlers import Handlers
 from .storage import read_bytes
 
@@ -242,7 +243,14 @@ def router(handlers: Handlers, model_name: str) -> APIRouter:
         record["in_progress_at"] = int(time.time())
         await asyncio.to_thread(s.set_active, batch_id, True)
         await asyncio.to_thread(s.put_batch, record)
-        await handlers.start(manifest, files)
+        try:
+            await handlers.start(manifest, files)
+        except NotReady:
+            # K_SINK unreachable: no batch (the client retries the create); chunks already sent end
+            # cancelled instead of running for a batch nobody knows.
+            await asyncio.to_thread(write_marker, files.cancel)
+            await asyncio.to_thread(s.delete_batch, record)
+            raise
         key = job_key(manifest.output, manifest.job_id)
         event = await asyncio.to_thread(handlers.progress_event, manifest, files, f"batch-{key}-accepted")
         await handlers.announce(event)

@@ -420,3 +420,17 @@ def test_any_replica_answers_for_any_batch(tmp_path: Path) -> None:
             assert done.status == "cancelled" and done.request_counts.failed > 0  # type: ignore[union-attr]
 
     asyncio.run(main())
+
+
+def test_create_with_an_unreachable_sink_is_503_and_leaves_no_batch(tmp_path: Path) -> None:
+    from tests.server import free_port
+
+    async def main() -> None:
+        sink = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
+        async with running(tmp_path, "--sink", sink) as (_, client):
+            with pytest.raises(openai.InternalServerError) as info:
+                await submit(client, jsonl(2))
+            assert info.value.status_code == 503 and info.value.body["type"] == "server_error"  # type: ignore[index]
+            assert (await client.batches.list()).data == []
+
+    asyncio.run(main())
