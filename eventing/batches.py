@@ -201,13 +201,8 @@ def batch_object(
         counts = result.request_counts
         done_at = result.completed_at or int(time.time())
         obj.update(status=result.status, request_counts=counts, finalizing_at=result.finalizing_at)
-        obj[
-            {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}.get(
-                result.status, "completed_at"
-            )
-        ] = done_at
-        if result.status == COMPLETED:
-            obj["completed_at"] = done_at
+        ended = {COMPLETED: "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}
+        obj[ended.get(result.status, "completed_at")] = done_at
         if counts["completed"]:
             obj["output_file_id"] = _result_file(store, record["id"], "output", files.output)
         if counts["failed"]:

@@ -53,8 +53,6 @@ Endpoint = Callable[..., Awaitable[Any]]
 def error_body(exc: EvllmError) -> dict[str, Any]:
     status = int(exc.status)
     kind = "invalid_request_error" if status < 500 else "server_error"
-    if status == HTTPStatus.NOT_FOUND:
-        kind = "invalid_request_error"
     return {
         "error": {
             "message": exc.message,
