@@ -162,11 +162,11 @@ def job_status(output: str, job_id: str) -> dict[str, Any]:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    from .storage import StorageError
+    from .storage import StorageError, StorageUnavailable
 
     try:
         status = job_status(args.output, args.job_id)
-    except StorageError as exc:
+    except (StorageError, StorageUnavailable) as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2))

@@ -32,6 +32,14 @@ class EventingConfig:
     # Inline batch jobs ride in events; bigger ones belong in storage.
     max_event_bytes: int = setting(64 * MiB, "Largest CloudEvent (body of POST /events, data included).")
     max_batch_lines: int = setting(50_000, "Most lines in one batch job (the OpenAI Batch API's limit).")
+    # Knative's per-attempt timeout (600 s in triggers.yaml) bounds a whole chunk delivery: retrying
+    # one operation for 30 s keeps a short outage invisible and answers a long one with 503 in time.
+    storage_retry_seconds: float = setting(
+        30.0,
+        "How long one storage operation retries transient faults (timeouts, 5xx, dropped connections) "
+        "with backoff, on top of the storage client's own retries; then a CloudEvent gets 503 (Knative "
+        "redelivers it) and a local job waits and tries again. 0: the client's retries only.",
+    )
     sink: str | None = setting(
         None,
         "Where batch chunks are sent as events (a Knative SinkBinding injects K_SINK); unset: this "
@@ -43,6 +51,8 @@ class EventingConfig:
         for name in ("batch_chunk_size", "batch_max_inflight", "batch_online_inflight", "max_batch_lines"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name} must be at least 1")
+        if self.storage_retry_seconds < 0:
+            raise SettingsError("--storage_retry_seconds must not be negative")
 
     @property
     def roots(self) -> list[Path]:

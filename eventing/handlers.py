@@ -27,7 +27,7 @@ from .events import BadEvent, Event, make_event
 from .executor import Executor
 from .inference import infer
 from .sink import Sink
-from .storage import Storage, StorageError, exists
+from .storage import Retry, Storage, StorageError, StorageUnavailable, exists
 
 logger = logging.getLogger("evllm.eventing")
 
@@ -49,7 +49,7 @@ class Handlers:
     def __init__(self, dataplane: DataPlaneView, config: EventingConfig, *, sink: Sink | None = None):
         self.dataplane = dataplane
         self.config = config
-        self.storage = Storage(config.roots)
+        self.storage = Storage(config.roots, retry=Retry(config.storage_retry_seconds))
         self.executor = Executor(dataplane, low=config.batch_online_inflight, high=config.batch_max_inflight)
         self.sink = sink if sink is not None else (Sink(config.sink) if config.sink else None)
         self.source = f"/evllm/models/{dataplane.model_name}"
@@ -176,6 +176,12 @@ class Handlers:
             )
         except JobError as exc:
             return self._failed(event, job_id, exc.message)
+        try:
+            return await self._resume(files, manifest)
+        except StorageError as exc:  # permanent (not found, forbidden); StorageUnavailable is a 503
+            return self._failed(event, job_id, f"storage: {exc.message}")
+
+    async def _resume(self, files: JobFiles, manifest: Manifest) -> Reply:
         key = job_key(manifest.output, manifest.job_id)
         # Finished (or every part written and only the merge missing, e.g. a crash during it): complete.
         done = await asyncio.to_thread(complete, files, manifest)
@@ -224,7 +230,18 @@ class Handlers:
         await asyncio.gather(*(worker() for _ in range(min(LOCAL_CHUNKS_AT_ONCE, manifest.chunks))))
         if failed:
             return
-        completion = await asyncio.to_thread(complete, files, manifest)
+        delay = 1.0
+        while True:
+            try:
+                completion = await asyncio.to_thread(complete, files, manifest)
+                break
+            except StorageUnavailable as exc:
+                logger.warning("job %s: %s; merging again in %.0fs", manifest.job_id, exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except StorageError as exc:
+                logger.error("job %s failed: %s", manifest.job_id, exc.message)
+                return
         if completion is not None:
             logger.info("job %s completed: %s", manifest.job_id, completion.request_counts)
 
@@ -235,10 +252,13 @@ class Handlers:
             try:
                 await run_chunk(self.executor, files, manifest, index)
                 return True
-            except (NotReady, Overloaded) as exc:
+            except (NotReady, Overloaded) as exc:  # the engine or the storage (StorageUnavailable) is away
                 logger.warning("job %s chunk %d: %s; retrying in %.0fs", manifest.job_id, index, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+            except StorageError as exc:
+                logger.error("job %s chunk %d failed: %s", manifest.job_id, index, exc.message)
+                return False
             except Exception:
                 logger.exception(
                     "job %s chunk %d failed; redeliver batch.submitted to resume", manifest.job_id, index
@@ -253,9 +273,15 @@ class Handlers:
         except StorageError as exc:
             raise BadEvent(f"batch.chunk output: {exc.message}") from None
         files = JobFiles(out, data["job_id"])
+        try:
+            return await self._chunk(files, data)
+        except StorageError as exc:  # permanent (forbidden, gone); StorageUnavailable is a 503
+            return self._failed(event, data["job_id"], f"storage: {exc.message}")
+
+    async def _chunk(self, files: JobFiles, data: dict[str, Any]) -> Reply:
         manifest = await asyncio.to_thread(files.load_manifest)
         if manifest is None:
-            raise BadEvent(f"batch.chunk for unknown job {data['job_id']!r} in {out.uri}")
+            raise BadEvent(f"batch.chunk for unknown job {data['job_id']!r} in {files.root.uri}")
         if data["chunk"] >= manifest.chunks:
             raise BadEvent(f"batch.chunk {data['chunk']} out of range: the job has {manifest.chunks} chunks")
         await run_chunk(self.executor, files, manifest, data["chunk"])
