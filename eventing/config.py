@@ -40,6 +40,12 @@ class EventingConfig:
         "with backoff, on top of the storage client's own retries; then a CloudEvent gets 503 (Knative "
         "redelivers it) and a local job waits and tries again. 0: the client's retries only.",
     )
+    storage_events_output: str | None = setting(
+        None,
+        "Directory URI for the output of jobs that object-created storage events start (S3, MinIO, "
+        "GCS bucket notifications; the new object is the job's input); {bucket} is the event's bucket, "
+        "e.g. s3://{bucket}/evllm-output. Unset: such events are refused (400).",
+    )
     sink: str | None = setting(
         None,
         "Where batch chunks are sent as events (a Knative SinkBinding injects K_SINK); unset: this "

@@ -11,14 +11,14 @@ import collections
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cloudevents.http import CloudEvent
 
 from predictors.errors import NotReady, Overloaded
 
-from . import catalog, metrics
+from . import catalog, metrics, storage_events
 from .batch import JobError, JobFiles, Manifest, accept, job_key, parse_job
 from .chunk import chunks_done, complete, partial_counts, run_chunk
 from .config import EventingConfig
@@ -38,7 +38,7 @@ DEDUP_SIZE = 1024  # recent inference replies kept for redeliveries (same source
 @dataclass
 class Reply:
     status: int
-    event: CloudEvent
+    event: CloudEvent | None  # None: accepted, nothing to publish (an ignored storage event)
 
 
 def _digest(*parts: str) -> str:
@@ -60,10 +60,12 @@ class Handlers:
 
     # Dispatch --------------------------------------------------------------------------------------
     async def handle(self, event: Event) -> Reply:
+        if storage_events.is_storage_event(event.type):
+            return await self.stored(event)
         prefix = self.config.events_prefix + "."
         name = event.type[len(prefix) :] if event.type.startswith(prefix) else None
         if name not in catalog.CONSUMED:
-            accepted = ", ".join(self.config.type(n) for n in catalog.CONSUMED)
+            accepted = ", ".join([*(self.config.type(n) for n in catalog.CONSUMED), *storage_events.TYPES])
             raise BadEvent(f"unsupported event type {event.type!r}: this endpoint accepts {accepted}")
         model = event.extensions.get("model")
         if model is not None and model != self.dataplane.model_name:
@@ -196,6 +198,13 @@ class Handlers:
             task.add_done_callback(lambda _: self._local_jobs.pop(key, None))
         progress = await asyncio.to_thread(self._progress, manifest, files, f"batch-{key}-accepted")
         return Reply(200, progress)
+
+    async def stored(self, event: Event) -> Reply:
+        """An object-created storage event: the same as a batch.submitted for the new object."""
+        job = storage_events.job_for(event, self.config.storage_events_output)
+        if job is None:
+            return Reply(202, None)
+        return await self.submitted(replace(event, data=job))
 
     def _chunk_event(self, manifest: Manifest, index: int) -> CloudEvent:
         key = job_key(manifest.output, manifest.job_id)

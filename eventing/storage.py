@@ -117,9 +117,9 @@ def classify(exc: BaseException, what: str, uri: str) -> StorageError | StorageU
         return StorageError(f"{uri} is a directory, not a file")
     if isinstance(exc, PermissionError):
         return StorageForbidden(f"cannot {what} {uri}: access denied ({exc})")
-    if isinstance(exc, OSError) and not isinstance(exc, (TimeoutError, ConnectionError)):
-        if exc.errno in PERMANENT_ERRNOS:
-            return StorageError(f"cannot {what} {uri}: {exc}")
+    transient_os = isinstance(exc, (TimeoutError, ConnectionError))
+    if isinstance(exc, OSError) and not transient_os and exc.errno in PERMANENT_ERRNOS:
+        return StorageError(f"cannot {what} {uri}: {exc}")
     if isinstance(exc, ValueError):  # fsspec's word for a malformed path or URL
         return StorageError(f"cannot {what} {uri}: {exc}")
     return StorageUnavailable(f"storage unavailable: cannot {what} {uri}: {type(exc).__name__}: {exc}")

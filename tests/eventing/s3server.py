@@ -104,7 +104,7 @@ class FaultyProxy:
             def handle_one_request(self) -> None:
                 try:
                     super().handle_one_request()
-                except (ConnectionError, socket.timeout):
+                except (TimeoutError, ConnectionError):
                     self.close_connection = True
 
             def do_request(self) -> None:

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import httpx
 import pytest
 import uvicorn
@@ -48,9 +47,9 @@ from tests import inprocess
 from tests.conftest import Broker, deliver
 
 from .batchdata import completion_line
-from .s3server import FaultyProxy, create_bucket, isolated_env, moto_server, s3_options
+from .conftest import BUCKET, S3
+from .s3server import FaultyProxy
 
-BUCKET = "evllm"
 RETRY_SECONDS = "1"  # --storage_retry_seconds in these tests (production default: 30)
 
 
@@ -132,42 +131,7 @@ def test_transient_faults_are_retried_within_the_budget() -> None:
     assert permanent.fs.calls == 1  # never retried
 
 
-# The S3 server, the proxy, the server under test ---------------------------------------------------
-class S3:
-    def __init__(self, direct: str, proxy: FaultyProxy) -> None:
-        self.direct, self.proxy = direct, proxy
-
-    def fs(self) -> Any:
-        """A client that bypasses the proxy (setting up inputs, checking results)."""
-        return fsspec.filesystem("s3", **s3_options(self.direct), skip_instance_cache=True)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
-    tmp = tmp_path_factory.mktemp("s3")
-    with pytest.MonkeyPatch.context() as mp, moto_server(tmp) as url:
-        for name, value in isolated_env(tmp).items():
-            mp.setenv(name, value)
-        create_bucket(url, BUCKET)
-        proxy = FaultyProxy(url)
-        # What an operator sets with FSSPEC_S3='{...}': the server under test reaches S3 via the proxy.
-        mp.setitem(fsspec.config.conf, "s3", s3_options(proxy.url))
-        try:
-            yield S3(url, proxy)
-        finally:
-            proxy.close()
-
-
-@pytest.fixture
-def proxy(s3: S3) -> Iterator[FaultyProxy]:
-    s3.proxy.fraction, s3.proxy.faults = 0.0, ("503", "drop", "slow")
-    s3.proxy.outage(0)
-    s3.proxy.counts.clear()
-    yield s3.proxy
-    s3.proxy.fraction = 0.0
-    s3.proxy.outage(0)
-
-
+# The server under test ----------------------------------------------------------------------------
 class Trigger(Broker):
     """tests/conftest.py's broker, also keeping what a Knative Trigger would: each chunk delivery's
     statuses (a final status other than 200 means the chunk is dead-lettered) and the replies."""
@@ -241,14 +205,12 @@ async def post(client: httpx.AsyncClient, event: CloudEvent) -> tuple[int, Cloud
 
 async def post_until_accepted(client: httpx.AsyncClient, event: CloudEvent) -> tuple[CloudEvent, int]:
     """Deliver like a Trigger: 503s are retried. Returns the reply and how many 503s came first."""
-    unavailable = 0
-    for _ in range(100):
+    for unavailable in range(100):
         status, reply = await post(client, event)
         if status != 503:
             assert status == 200, reply
             assert isinstance(reply, CloudEvent)
             return reply, unavailable
-        unavailable += 1
         await asyncio.sleep(0.2)
     raise AssertionError("still 503 after 100 deliveries")
 
@@ -325,7 +287,7 @@ def test_outage_longer_than_the_retries_is_503_and_the_redelivered_chunk_complet
     trigger.forward = False  # the test delivers the chunks, as the Trigger would, before and after
 
     async def main() -> None:
-        async with served(tmp_path) as (s, url), s.client() as c:
+        async with served(tmp_path) as (s, _), s.client() as c:
             status, accepted = await post(c, submitted("outage", f"s3://{BUCKET}/in/outage.jsonl",
                                                        f"s3://{BUCKET}/out"))  # fmt: skip
             assert status == 200 and isinstance(accepted, CloudEvent)
