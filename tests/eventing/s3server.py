@@ -25,9 +25,11 @@ from typing import Any
 import httpx
 
 FAULTS = ("503", "drop", "slow")
-# The client's timeouts in these tests; a "slow" fault answers later than READ_TIMEOUT.
-CONNECT_TIMEOUT = 1.0
-READ_TIMEOUT = 0.3
+# The client's timeouts: generous by default (other tests may load the machine), short where a test
+# injects slow answers (each costs one read timeout).
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 5.0
+SHORT_READ_TIMEOUT = 0.3
 
 
 def free_port() -> int:
@@ -91,7 +93,7 @@ class FaultyProxy:
         self.upstream = upstream.removeprefix("http://")
         self.fraction = 0.0
         self.faults: tuple[str, ...] = FAULTS
-        self.slow_seconds = READ_TIMEOUT + 0.2
+        self.slow_seconds = SHORT_READ_TIMEOUT + 0.2
         self.counts: collections.Counter[str] = collections.Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -217,22 +219,22 @@ def _answer(req: BaseHTTPRequestHandler, status: int, headers: dict[str, Any], p
     req.wfile.flush()
 
 
-def s3_options(endpoint: str, **overrides: Any) -> dict[str, Any]:
+def s3_options(endpoint: str, *, read_timeout: float = READ_TIMEOUT) -> dict[str, Any]:
     """s3fs settings for the test store (what an operator puts in FSSPEC_S3): the endpoint, fixed
-    credentials, and short timeouts and retry schedules so faults cost the tests seconds, not minutes."""
+    credentials, and a short retry schedule so faults cost the tests seconds, not minutes."""
     return {
         "endpoint_url": endpoint,
         "key": "testing",
         "secret": "testing",
         "client_kwargs": {"region_name": "us-east-1"},
-        # botocore's timeouts and retries (of 5xx answers and connection errors); s3fs adds its own
-        # retries of dropped connections and timeouts (5, backoff from 0.1 s: a class attribute)
+        # botocore's timeouts, and no retries of its own (its backoff waits up to seconds); s3fs still
+        # retries dropped connections and timeouts (5 times, backoff from 0.1 s: a class attribute),
+        # evllm retries the rest (--storage_retry_seconds)
         "config_kwargs": {
             "connect_timeout": CONNECT_TIMEOUT,
-            "read_timeout": READ_TIMEOUT,
-            "retries": {"mode": "standard", "max_attempts": 1},
+            "read_timeout": read_timeout,
+            "retries": {"mode": "legacy", "max_attempts": 0},
         },
-        **overrides,
     }
 
 

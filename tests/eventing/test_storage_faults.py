@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import httpx
 import pytest
 import uvicorn
@@ -48,14 +49,18 @@ from tests.conftest import Broker, deliver
 
 from .batchdata import completion_line
 from .conftest import BUCKET, S3
-from .s3server import FaultyProxy
+from .s3server import SHORT_READ_TIMEOUT, FaultyProxy, s3_options
 
 RETRY_SECONDS = "1"  # --storage_retry_seconds in these tests (production default: 30)
 
 
 # Classification, without a server ------------------------------------------------------------------
 class Flaky(MemoryFileSystem):
-    """A memory filesystem whose next ``failures`` calls to info/open/pipe_file/ls raise ``error``."""
+    """A memory filesystem whose next ``failures`` calls to info/pipe_file/ls raise ``error``."""
+
+    store: dict[str, Any] = {}  # its own, not memory://'s
+    pseudo_dirs = [""]
+    cachable = False
 
     def __init__(self, error: BaseException, failures: int = 10**6) -> None:
         super().__init__()
@@ -83,7 +88,6 @@ class Flaky(MemoryFileSystem):
 def flaky(error: BaseException, failures: int = 10**6, seconds: float = 0.0) -> Location:
     fs = Flaky(error, failures)
     fs.store.clear()
-    fs.pseudo_dirs.clear()
     return Location(fs, "/job/part.jsonl", "memory://job/part.jsonl", local=False, retry=Retry(seconds))
 
 
@@ -237,9 +241,11 @@ def trigger(monkeypatch: pytest.MonkeyPatch) -> Iterator[Trigger]:
 
 
 def test_job_over_s3_survives_half_the_requests_failing(
-    s3: S3, proxy: FaultyProxy, trigger: Trigger, tmp_path: Path
+    s3: S3, proxy: FaultyProxy, trigger: Trigger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = write_input(s3, "in/half.jsonl", 12)
+    # A short read timeout, or each slow answer would hold a request for seconds.
+    monkeypatch.setitem(fsspec.config.conf, "s3", s3_options(proxy.url, read_timeout=SHORT_READ_TIMEOUT))
 
     async def main() -> tuple[CloudEvent, int, float]:
         async with served(tmp_path) as (s, url), s.client() as c:
@@ -371,3 +377,44 @@ def test_listings_see_other_replicas_writes(s3: S3, proxy: FaultyProxy) -> None:
     other.pipe_file(f"{BUCKET}/replicas/job/parts/chunk-000001.jsonl", b"{}\n")
     assert exists(parts.child("chunk-000001.jsonl"))
     assert listdir(parts) == ["chunk-000000.jsonl", "chunk-000001.jsonl"]
+
+
+def test_a_permanent_fault_during_a_chunk_fails_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Access to the output revoked while the job runs: its chunk replies batch.failed (published, the
+    job is over) rather than a 400 (dead-lettered, the job silently never completes)."""
+    from eventing import chunk
+
+    from .fakes import FakeDataPlane, events_client
+
+    class Sink:
+        url = "http://sink.test"
+
+        def __init__(self) -> None:
+            self.events: list[CloudEvent] = []
+
+        async def send(self, events: Any) -> None:
+            self.events.extend(events)
+
+        async def close(self) -> None:
+            return None
+
+    def denied(loc: Location, data: bytes) -> None:
+        raise StorageForbidden(f"cannot write {loc.uri}: access denied (AccessDenied)")
+
+    async def main() -> None:
+        async with events_client(FakeDataPlane(), tmp_path) as client:
+            client.handlers.sink = sink = Sink()
+            data = {"job_id": "revoked", "input": [completion_line("a", "x")], "output": str(tmp_path / "o")}
+            status, accepted = await post(client, CloudEvent(
+                {"type": "dev.evllm.batch.submitted", "source": "/t", "id": "s"}, data))  # fmt: skip
+            assert status == 200 and isinstance(accepted, CloudEvent)
+            monkeypatch.setattr(chunk, "write_atomic", denied)
+            status, reply = await post(client, sink.events[0])
+            assert status == 200 and isinstance(reply, CloudEvent)
+            assert reply["type"] == "dev.evllm.batch.failed" and reply["jobid"] == "revoked"
+            assert reply.data["error"].startswith("storage: cannot write ")
+            assert "chunk-000000.jsonl: access denied" in reply.data["error"]
+
+    asyncio.run(main())
