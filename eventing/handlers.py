@@ -283,14 +283,14 @@ class Handlers:
             raise BadEvent(f"batch.chunk output: {exc.message}") from None
         files = JobFiles(out, data["job_id"])
         try:
-            return await self._chunk(files, data)
+            return await self._chunk(files, data, out.uri)
         except StorageError as exc:  # permanent (forbidden, gone); StorageUnavailable is a 503
             return self._failed(event, data["job_id"], f"storage: {exc.message}")
 
-    async def _chunk(self, files: JobFiles, data: dict[str, Any]) -> Reply:
+    async def _chunk(self, files: JobFiles, data: dict[str, Any], output: str) -> Reply:
         manifest = await asyncio.to_thread(files.load_manifest)
         if manifest is None:
-            raise BadEvent(f"batch.chunk for unknown job {data['job_id']!r} in {files.root.uri}")
+            raise BadEvent(f"batch.chunk for unknown job {data['job_id']!r} in {output}")
         if data["chunk"] >= manifest.chunks:
             raise BadEvent(f"batch.chunk {data['chunk']} out of range: the job has {manifest.chunks} chunks")
         await run_chunk(self.executor, files, manifest, data["chunk"])

@@ -122,6 +122,16 @@ def classify(exc: BaseException, what: str, uri: str) -> StorageError | StorageU
         return StorageError(f"cannot {what} {uri}: {exc}")
     if isinstance(exc, ValueError):  # fsspec's word for a malformed path or URL
         return StorageError(f"cannot {what} {uri}: {exc}")
+    # HTTP-based clients' own errors carry the status (aiohttp: status, gcsfs: code, Azure: status_code).
+    status = next(
+        (v for a in ("status", "code", "status_code") if isinstance(v := getattr(exc, a, None), int)), 0
+    )
+    if status in (401, 403):
+        return StorageForbidden(f"cannot {what} {uri}: access denied ({status}: {exc})")
+    if status in (404, 410):
+        return StorageNotFound(f"{uri} does not exist")
+    if 400 <= status < 500 and status not in (408, 429):
+        return StorageError(f"cannot {what} {uri}: {status}: {exc}")
     return StorageUnavailable(f"storage unavailable: cannot {what} {uri}: {type(exc).__name__}: {exc}")
 
 

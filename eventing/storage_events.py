@@ -19,7 +19,9 @@ notification resumes the same job, a new upload of the same name is a new job.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +58,10 @@ class StoredObject:
 def created_object(event: Event) -> StoredObject:
     """The created object of a storage event, or BadEvent saying what is wrong with the payload."""
     data = event.data
+    if isinstance(data, (bytes, str)):
+        # A KafkaSource may pass the record's value on as application/octet-stream: JSON all the same.
+        with contextlib.suppress(ValueError):
+            data = json.loads(data)
     if not isinstance(data, dict):
         raise BadEvent(f"{event.type} event data must be a JSON object, got {type(data).__name__}")
     if event.type == GCS_FINALIZED:

@@ -16,7 +16,7 @@ import pytest
 from cloudevents.http import CloudEvent, from_http
 
 from eventing import catalog, storage_events
-from eventing.events import parse_http
+from eventing.events import BadEvent, parse_http
 from eventing.extension import Eventing
 from tests import inprocess
 
@@ -58,6 +58,19 @@ def test_vendored_source_events_name_their_object(name: str, uri: str) -> None:
     assert job["output"] == f"{uri.split('://')[0]}://{obj.bucket}/" + ("out" if uri.startswith("gs") else
                                                                          "evllm-output")  # fmt: skip
     assert JOB_ID.match(job["job_id"]) and catalog.errors("batch.submitted", job) == []
+
+
+def test_kafka_records_as_octet_stream_are_read_as_json() -> None:
+    """Binary mode, the value passed on as bytes (no JSON media type), as a KafkaSource may send it."""
+    obj = example("minio-kafkasource.json")
+    headers = {f"ce-{k}": v for k, v in obj.items() if k not in ("data", "datacontenttype")}
+    headers["content-type"] = "application/octet-stream"
+    event = parse_http(headers, json.dumps(obj["data"]).encode())
+    assert isinstance(event.data, bytes)
+    assert storage_events.created_object(event).uri == "s3://anze/hello.jpg"
+    garbage = parse_http(headers, b"\x00\x01 not json")
+    with pytest.raises(BadEvent, match="must be a JSON object, got bytes"):
+        storage_events.created_object(garbage)
 
 
 def test_job_ids_follow_the_object_and_its_version() -> None:

@@ -91,6 +91,14 @@ def flaky(error: BaseException, failures: int = 10**6, seconds: float = 0.0) -> 
     return Location(fs, "/job/part.jsonl", "memory://job/part.jsonl", local=False, retry=Retry(seconds))
 
 
+class HTTPStatusError(Exception):
+    """An HTTP-based fsspec client's error (aiohttp's ClientResponseError, gcsfs's HttpError)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"{status}, message='answered {status}'")
+        self.status = status
+
+
 @pytest.mark.parametrize(
     ("error", "kind", "fragment"),
     [
@@ -102,6 +110,11 @@ def flaky(error: BaseException, failures: int = 10**6, seconds: float = 0.0) -> 
         (PermissionError("AccessDenied"), StorageForbidden, "access denied"),
         (OSError(errno.EINVAL, "InvalidBucketName"), StorageError, "InvalidBucketName"),
         (ValueError("bad path"), StorageError, "bad path"),
+        (HTTPStatusError(403), StorageForbidden, "access denied (403"),
+        (HTTPStatusError(404), StorageNotFound, "does not exist"),
+        (HTTPStatusError(400), StorageError, "400"),
+        (HTTPStatusError(429), StorageUnavailable, "429"),
+        (HTTPStatusError(503), StorageUnavailable, "503"),
     ],
 )
 def test_faults_are_classified(error: BaseException, kind: type, fragment: str) -> None:
