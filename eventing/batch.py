@@ -226,7 +226,10 @@ def accept(
         raise JobError(f"input {where} has {len(lines)} lines; the limit is {max_lines} per job")
     snapshot = ("\n".join(lines) + "\n").encode()
     digest = hashlib.sha256(snapshot).hexdigest()
-    existing = files.load_manifest()
+    try:
+        existing = files.load_manifest()
+    except StorageError as exc:
+        raise JobError(f"output: {exc.message}") from None
     if existing is not None:
         if existing.input_sha256 != digest:
             raise JobError(f"job {req.job_id} already exists in {out.uri} with a different input")
@@ -246,7 +249,7 @@ def accept(
     try:
         write_atomic(files.input, snapshot)
         write_atomic(files.manifest, manifest.to_json())
-    except OSError as exc:
-        raise JobError(f"output: cannot write to {out.uri}: {exc}") from None
+    except StorageError as exc:  # StorageUnavailable is not one: it stays a 503 (retried)
+        raise JobError(f"output: {exc.message}") from None
     metrics.job("accepted")
     return manifest, files, out

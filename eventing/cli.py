@@ -251,13 +251,13 @@ def follow(
 
 
 def status_command(args: argparse.Namespace) -> int:
-    from .storage import StorageError
+    from .storage import StorageError, StorageUnavailable
 
     if args.follow:
         return follow(args.output, args.job_id, interval=args.interval)
     try:
         status = job_status(args.output, args.job_id)
-    except StorageError as exc:
+    except (StorageError, StorageUnavailable) as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2))

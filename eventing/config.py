@@ -39,6 +39,20 @@ class EventingConfig:
         "every replica shares; unset: <first storage root>/openai.",
     )
     max_file_bytes: int = setting(200 * MiB, "Largest file uploaded to /openai/v1/files (OpenAI's limit).")
+    # Knative's per-attempt timeout (600 s in triggers.yaml) bounds a whole chunk delivery: retrying
+    # one operation for 30 s keeps a short outage invisible and answers a long one with 503 in time.
+    storage_retry_seconds: float = setting(
+        30.0,
+        "How long one storage operation retries transient faults (timeouts, 5xx, dropped connections) "
+        "with backoff, on top of the storage client's own retries; then a CloudEvent gets 503 (Knative "
+        "redelivers it) and a local job waits and tries again. 0: the client's retries only.",
+    )
+    storage_events_output: str | None = setting(
+        None,
+        "Directory URI for the output of jobs that object-created storage events start (S3, MinIO, "
+        "GCS bucket notifications; the new object is the job's input); {bucket} is the event's bucket, "
+        "e.g. s3://{bucket}/evllm-output. Unset: such events are refused (400).",
+    )
     sink: str | None = setting(
         None,
         "Where batch chunks are sent as events (a Knative SinkBinding injects K_SINK); unset: this "
@@ -56,6 +70,8 @@ class EventingConfig:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name} must be at least 1")
+        if self.storage_retry_seconds < 0:
+            raise SettingsError("--storage_retry_seconds must not be negative")
 
     @property
     def roots(self) -> list[Path]:

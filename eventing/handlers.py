@@ -11,7 +11,7 @@ import collections
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cloudevents.http import CloudEvent
@@ -19,7 +19,7 @@ from cloudevents.http import CloudEvent
 from predictors.errors import NotReady, Overloaded
 from predictors.settings import SettingsError
 
-from . import catalog, metrics
+from . import catalog, metrics, storage_events
 from .batch import JobError, JobFiles, Manifest, accept, job_key, parse_job, parse_line, split_lines
 from .batches import ENDPOINTS, batch_id_of, batch_object, job_files, new_record
 from .batchstore import BatchStore
@@ -31,7 +31,7 @@ from .events import BadEvent, Event, make_event
 from .executor import CANCELLED, Executor
 from .inference import infer
 from .sink import Sink
-from .storage import Storage, StorageError, exists, read_bytes
+from .storage import Retry, Storage, StorageError, StorageUnavailable, exists, read_bytes
 
 logger = logging.getLogger("evllm.eventing")
 
@@ -42,7 +42,7 @@ DEDUP_SIZE = 1024  # recent inference replies kept for redeliveries (same source
 @dataclass
 class Reply:
     status: int
-    event: CloudEvent
+    event: CloudEvent | None  # None: accepted, nothing to publish (an ignored storage event)
 
 
 def _digest(*parts: str) -> str:
@@ -53,7 +53,7 @@ class Handlers:
     def __init__(self, dataplane: DataPlaneView, config: EventingConfig, *, sink: Sink | None = None):
         self.dataplane = dataplane
         self.config = config
-        self.storage = Storage(config.roots)
+        self.storage = Storage(config.roots, retry=Retry(config.storage_retry_seconds))
         self.executor = Executor(dataplane, low=config.batch_online_inflight, high=config.batch_max_inflight)
         self.sink = sink if sink is not None else (Sink(config.sink) if config.sink else None)
         self.source = f"/evllm/models/{dataplane.model_name}"
@@ -71,10 +71,12 @@ class Handlers:
 
     # Dispatch --------------------------------------------------------------------------------------
     async def handle(self, event: Event) -> Reply:
+        if storage_events.is_storage_event(event.type):
+            return await self.stored(event)
         prefix = self.config.events_prefix + "."
         name = event.type[len(prefix) :] if event.type.startswith(prefix) else None
         if name not in catalog.CONSUMED:
-            accepted = ", ".join(self.config.type(n) for n in catalog.CONSUMED)
+            accepted = ", ".join([*(self.config.type(n) for n in catalog.CONSUMED), *storage_events.TYPES])
             raise BadEvent(f"unsupported event type {event.type!r}: this endpoint accepts {accepted}")
         model = event.extensions.get("model")
         if model is not None and model != self.dataplane.model_name:
@@ -246,7 +248,13 @@ class Handlers:
             )
         except JobError as exc:
             return self._failed(event, job_id, exc.message)
-        await asyncio.to_thread(self._register, manifest, files)
+        try:
+            await asyncio.to_thread(self._register, manifest, files)
+            return await self._resume(files, manifest)
+        except StorageError as exc:  # permanent (not found, forbidden); StorageUnavailable is a 503
+            return self._failed(event, job_id, f"storage: {exc.message}")
+
+    async def _resume(self, files: JobFiles, manifest: Manifest) -> Reply:
         # Finished (or every part written and only the merge missing, e.g. a crash during it): complete.
         done = await asyncio.to_thread(complete, files, manifest)
         if done is not None:
@@ -295,6 +303,13 @@ class Handlers:
             logger.info("resuming batch %s (job %s)", bid, manifest.job_id)
             await self.start(manifest, files)
 
+    async def stored(self, event: Event) -> Reply:
+        """An object-created storage event: the same as a batch.submitted for the new object."""
+        job = storage_events.job_for(event, self.config.storage_events_output)
+        if job is None:
+            return Reply(202, None)
+        return await self.submitted(replace(event, data=job))
+
     def _chunk_event(self, manifest: Manifest, index: int) -> CloudEvent:
         key = job_key(manifest.output, manifest.job_id)
         data = {
@@ -331,7 +346,18 @@ class Handlers:
             await asyncio.gather(*(worker(cancel) for _ in range(workers)))
         if failed:
             return
-        completion = await asyncio.to_thread(complete, files, manifest)
+        delay = 1.0
+        while True:
+            try:
+                completion = await asyncio.to_thread(complete, files, manifest)
+                break
+            except StorageUnavailable as exc:
+                logger.warning("job %s: %s; merging again in %.0fs", manifest.job_id, exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except StorageError as exc:
+                logger.error("job %s failed: %s", manifest.job_id, exc.message)
+                return
         if completion is not None:
             await asyncio.to_thread(self._completed, manifest, completion)
             logger.info("job %s %s: %s", manifest.job_id, completion.status, completion.request_counts)
@@ -345,10 +371,13 @@ class Handlers:
             try:
                 await run_chunk(self.executor, files, manifest, index, cancel)
                 return True
-            except (NotReady, Overloaded) as exc:
+            except (NotReady, Overloaded) as exc:  # the engine or the storage (StorageUnavailable) is away
                 logger.warning("job %s chunk %d: %s; retrying in %.0fs", manifest.job_id, index, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+            except StorageError as exc:
+                logger.error("job %s chunk %d failed: %s", manifest.job_id, index, exc.message)
+                return False
             except Exception:
                 logger.exception(
                     "job %s chunk %d failed; redeliver batch.submitted to resume", manifest.job_id, index
@@ -363,9 +392,15 @@ class Handlers:
         except StorageError as exc:
             raise BadEvent(f"batch.chunk output: {exc.message}") from None
         files = JobFiles(out, data["job_id"])
+        try:
+            return await self._chunk(files, data, out.uri)
+        except StorageError as exc:  # permanent (forbidden, gone); StorageUnavailable is a 503
+            return self._failed(event, data["job_id"], f"storage: {exc.message}")
+
+    async def _chunk(self, files: JobFiles, data: dict[str, Any], output: str) -> Reply:
         manifest = await asyncio.to_thread(files.load_manifest)
         if manifest is None:
-            raise BadEvent(f"batch.chunk for unknown job {data['job_id']!r} in {out.uri}")
+            raise BadEvent(f"batch.chunk for unknown job {data['job_id']!r} in {output}")
         if data["chunk"] >= manifest.chunks:
             raise BadEvent(f"batch.chunk {data['chunk']} out of range: the job has {manifest.chunks} chunks")
         key = job_key(manifest.output, manifest.job_id)

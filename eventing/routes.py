@@ -30,6 +30,8 @@ def attach(app: FastAPI, dataplane: DataPlaneView, config: EventingConfig) -> Ha
         # Errors are typed (BadEvent 400, NotReady 503, ...): the server's handlers map them to JSON.
         event = parse_http(request.headers, await request.body())
         reply = await handlers.handle(event)
+        if reply.event is None:
+            return Response(status_code=reply.status)
         headers, payload = encode(reply.event, binary=event.binary)
         return Response(payload, status_code=reply.status, headers=headers)
 

@@ -16,7 +16,14 @@ from inferenceservices.manifests import validate
 ROOT = Path(__file__).resolve().parents[2]
 KNATIVE = ROOT / "eventing" / "knative"
 OVERLAYS = sorted(p.name for p in (ROOT / "inferenceservices" / "overlays").iterdir() if p.is_dir())
-FILES = ["broker-kafka.yaml", "broker-dev.yaml", "dead-letters.yaml", "triggers.yaml", "sinkbinding.yaml"]
+FILES = [
+    "broker-kafka.yaml",
+    "broker-dev.yaml",
+    "dead-letters.yaml",
+    "triggers.yaml",
+    "sinkbinding.yaml",
+    "storage-triggers.yaml",
+]
 ISO_DURATION = re.compile(r"^PT(\d+(\.\d+)?[HMS])+$")
 
 
@@ -119,3 +126,43 @@ def test_the_validation_bites() -> None:
     trigger["spec"]["delivery"]["retry"] = "five"
     trigger["metadata"]["name"] = "Bad_Name"
     assert len(validate(trigger, CRDS)) == 2
+
+
+def _filter_values(expr: dict, kind: str, attribute: str) -> list[str]:
+    """Every value of ``attribute`` that ``kind`` (exact, prefix, ...) filters on, nested any/all too."""
+    out = [expr[kind][attribute]] if attribute in expr.get(kind, {}) else []
+    for nested in expr.get("any", []) + expr.get("all", []):
+        out += _filter_values(nested, kind, attribute)
+    return out
+
+
+def test_storage_triggers_route_only_accepted_events_to_the_deployed_service() -> None:
+    """The example Triggers for jobs from storage events: every type they pass is one evllm takes
+    (eventing/storage_events.py), and they deliver like the other Triggers."""
+    from eventing import storage_events
+
+    isvc = deployed_inference_service()
+    (batch_submitted,) = [t for t in docs("triggers.yaml") if t["metadata"]["name"].endswith("submitted")]
+    triggers = docs("storage-triggers.yaml")
+    assert (
+        "storage-triggers.yaml"
+        not in yaml.safe_load((KNATIVE / "kustomization.yaml").read_text())["resources"]
+    )
+    seen = set()
+    for t in triggers:
+        spec = t["spec"]
+        filters = spec["filters"]
+        exact = [v for f in filters for v in _filter_values(f, "exact", "type")]
+        prefixes = [v for f in filters for v in _filter_values(f, "prefix", "type")]
+        assert exact or prefixes
+        for value in exact:
+            assert storage_events.is_storage_event(value), value
+        for value in prefixes:
+            assert storage_events.is_storage_event(value + "Put"), value
+        seen.update(exact + [p + "Put" for p in prefixes])
+        assert spec["subscriber"] == batch_submitted["spec"]["subscriber"]
+        assert spec["subscriber"]["ref"]["name"] == isvc["metadata"]["name"]
+        assert spec["delivery"] == batch_submitted["spec"]["delivery"]
+    # Each kind of source the handler accepts has its Trigger.
+    assert {"com.amazonaws.s3.ObjectCreated:Put", "com.amazon.s3.objectcreated", "dev.knative.kafka.event",
+            "google.cloud.storage.object.v1.finalized"} <= seen  # fmt: skip
