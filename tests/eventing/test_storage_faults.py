@@ -269,7 +269,10 @@ def test_job_over_s3_survives_half_the_requests_failing(
             started = time.monotonic()
             event = submitted("half", f"s3://{BUCKET}/in/half.jsonl", f"s3://{BUCKET}/out")
             accepted, unavailable = await post_until_accepted(c, event)
-            assert accepted["type"] == "dev.evllm.batch.progress" and accepted.data["chunks_total"] == 3
+            # A 503 after the chunks went out (e.g. while reading the progress back) is delivered again,
+            # and by then the job may be done: the redelivery then answers batch.completed.
+            assert accepted["type"] in {"dev.evllm.batch.progress", "dev.evllm.batch.completed"}
+            assert accepted.data.get("chunks_total") == 3 or accepted.data["request_counts"]["total"] == 12
             while trigger.completed("half") is None:
                 assert time.monotonic() - started < 120, trigger.statuses
                 await asyncio.sleep(0.1)
