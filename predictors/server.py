@@ -323,16 +323,24 @@ def _lean_kserve_app(event_loop: str) -> None:
 
 
 def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
+    import time
+
     from kserve import ModelServer
     from kserve.model_server import app
 
-    from . import logs
+    from . import compile_cache, logs
     from .model import EvllmModel, strict_decode
     from .shutdown import GracefulShutdown
+    from .startup import Timeline
 
+    imported = time.time()
     settings = parse_args(argv, extensions)
     logs.configure(settings.server.log_format)
-    dataplane = DataPlane(Engine(settings.engine, settings.engine_flags), settings.kserve.model_name)
+    compile_cache.use(settings.server.cache_dir)
+    timeline = Timeline(settings.kserve.model_name)
+    timeline.end("imports", imported)
+    engine = Engine(settings.engine, settings.engine_flags, timeline)
+    dataplane = DataPlane(engine, settings.kserve.model_name)
     model = EvllmModel(settings.kserve.model_name, dataplane)
     try:
         admission = assemble(app, dataplane, settings, extensions)
@@ -373,9 +381,13 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
         sys.exit(1)
 
 
-def main(argv: Sequence[str] | None = None, extensions: Sequence[Extension] = ()) -> None:
-    # What `vllm serve` sets up (vllm.entrypoints.serve.utils.api_utils.cli_env_setup), without importing
-    # vLLM before the flags are parsed: `--help` and usage errors answer in a second.
+def setup_environment() -> None:
+    """What `vllm serve` sets up (vllm.entrypoints.serve.utils.api_utils.cli_env_setup), without importing
+    vLLM before the flags are parsed: `--help` and usage errors answer in a second."""
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: Sequence[str] | None = None, extensions: Sequence[Extension] = ()) -> None:
+    setup_environment()
     serve(sys.argv[1:] if argv is None else argv, extensions)
