@@ -132,10 +132,12 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def _container_argv(objs: list[dict[str, Any]], models: Path) -> list[str]:
+def _container_argv(objs: list[dict[str, Any]], models: Path, name: str | None = None) -> list[str]:
     """What KServe runs: runtime args with {{.Name}} rendered, then the InferenceService's model args;
     /mnt/models (filled by the storage initializer in a pod) is a directory with a file here."""
-    isvc = one(objs, "InferenceService")
+    isvcs = [o for o in objs if o["kind"] == "InferenceService" and name in (None, o["metadata"]["name"])]
+    assert len(isvcs) == 1, name
+    isvc = isvcs[0]
     runtime = one(objs, "ClusterServingRuntime")["spec"]["containers"][0]
     name = isvc["metadata"]["name"]
     argv = [a.replace("{{.Name}}", name) for a in runtime["args"]] + isvc["spec"]["predictor"]["model"][
@@ -150,8 +152,21 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
     models = tmp_path / "mnt-models"
     models.mkdir()
     (models / "config.json").write_text("{}")
-    targets = ["gpu-1x", "gpu-4x", "cpu-dev", "model-cache"]
-    argvs = [_container_argv(built[t], models) for t in targets]
+    targets = [
+        "gpu-1x",
+        "gpu-4x",
+        "cpu-dev",
+        "model-cache",
+        "gpu-1x-awq",
+        "spot-batch:llm",
+        "spot-batch:llm-spot",
+    ]
+    argvs = [_container_argv(built[t.split(":")[0]], models, (t.split(":") + [None])[1]) for t in targets]
+    # The model-cache Job prepares with the predictor's own command line (the compile cache is keyed on it).
+    job = one(built["model-cache"], "Job")["spec"]["template"]["spec"]["containers"][0]
+    assert job["command"] == ["python", "-m", "evllm", "prepare"]
+    served = argvs[targets.index("model-cache")]
+    assert [a.replace("/mnt/models", str(models)) for a in job["args"]] == served[:2] + served[3:]
     # A misspelt engine flag must fail, so the parse is proven to bite (one vLLM import for all cases).
     argvs.append(["--model_name=llm", f"--model_dir={models}", "--http_port=8080", "--tensor-paralel-size=4"])
     out = _run(["-c", _PARSE], input=json.dumps(argvs))
@@ -165,3 +180,4 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
     assert by_target["gpu-4x"]["tp"] == 4 and by_target["gpu-1x"]["tp"] == 1
     assert by_target["gpu-4x"]["max_model_len"] == 16384
     assert by_target["cpu-dev"]["dtype"] == "float32" and by_target["cpu-dev"]["max_model_len"] == 2048
+    assert by_target["gpu-1x-awq"]["dtype"] == "float16" and by_target["gpu-1x-awq"]["max_model_len"] == 16384
