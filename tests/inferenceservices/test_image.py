@@ -161,7 +161,9 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
         "spot-batch:llm",
         "spot-batch:llm-spot",
     ]
-    argvs = [_container_argv(built[t.partition(":")[0]], models, t.partition(":")[2] or None) for t in targets]
+    argvs = [
+        _container_argv(built[t.partition(":")[0]], models, t.partition(":")[2] or None) for t in targets
+    ]
     # The model-cache Job prepares with the predictor's own command line (the compile cache is keyed on it).
     job = one(built["model-cache"], "Job")["spec"]["template"]["spec"]["containers"][0]
     assert job["command"] == ["python", "-m", "evllm", "prepare"]
