@@ -10,6 +10,7 @@ prints where everything is. `evllm serve --cache_dir` (EVLLM_CACHE_DIR) on the s
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -22,7 +23,11 @@ from .startup import Timeline
 
 async def _build(engine: Engine) -> None:
     await engine.start()
-    engine.client.shutdown()
+    client, engine.client = engine.client, None
+    client.shutdown()
+    # Collected now, not at interpreter exit, when AsyncLLM.__del__ would find its modules torn down.
+    del client
+    gc.collect()
 
 
 def prepare(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
