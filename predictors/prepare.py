@@ -34,12 +34,12 @@ def prepare(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
     import time
 
     from . import logs
-    from .server import parse_args
+    from .server import parse_args, use_caches
 
     imported = time.time()
-    settings = parse_args(argv, extensions)
+    settings = parse_args(argv, extensions, use_caches)
     logs.configure(settings.server.log_format)
-    cache = compile_cache.use(settings.server.cache_dir)
+    cache = compile_cache.use(settings.server.cache_dir)  # already set: where it is
     timeline = Timeline(settings.kserve.model_name)
     timeline.end("imports", imported)
     engine = Engine(settings.engine, settings.engine_flags, timeline)
