@@ -21,6 +21,7 @@ TARGETS = {
     "model-cache": KUSTOMIZE_ROOT / "overlays" / "model-cache",
     "spot-batch": KUSTOMIZE_ROOT / "overlays" / "spot-batch",
     "gpu-1x-awq": KUSTOMIZE_ROOT / "overlays" / "gpu-1x-awq",
+    "gpu-1x-stream": KUSTOMIZE_ROOT / "overlays" / "gpu-1x-stream",
 }
 CRD_DIR = manifests.CRD_DIR  # the vendored CRDs (inferenceservices/crds/SOURCES.md names their commits)
 

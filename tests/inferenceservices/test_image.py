@@ -127,7 +127,8 @@ for argv in json.load(sys.stdin):
         continue
     v = s.engine
     out.append({"model_name": s.kserve.model_name, "http_port": s.kserve.http_port, "model": v.model,
-                "tp": v.tensor_parallel_size, "max_model_len": v.max_model_len, "dtype": v.dtype})
+                "tp": v.tensor_parallel_size, "max_model_len": v.max_model_len, "dtype": v.dtype,
+                "load_format": v.load_format})
 print("RESULT" + json.dumps(out))
 """
 
@@ -160,6 +161,7 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
         "gpu-1x-awq",
         "spot-batch:llm",
         "spot-batch:llm-spot",
+        "gpu-1x-stream",
     ]
     argvs = [
         _container_argv(built[t.partition(":")[0]], models, t.partition(":")[2] or None) for t in targets
@@ -176,6 +178,9 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
     results = json.loads(out.stdout.split("RESULT", 1)[1])
     by_target = dict(zip([*targets, "typo"], results, strict=True))
     assert by_target.pop("typo") == {"exit": 2} and "tensor-paralel-size" in out.stderr
+    # The streaming overlay's model is its bucket, which vLLM reads itself (no /mnt/models).
+    stream = by_target.pop("gpu-1x-stream")
+    assert stream["model"] == "s3://models/qwen2.5-7b-instruct" and stream["load_format"] == "runai_streamer"
     for target, parsed in by_target.items():
         assert parsed["http_port"] == 8080 and parsed["model"] == str(models), target
         assert parsed["model_name"] == "llm", target

@@ -240,3 +240,11 @@ def test_awq_overlay_fits_its_gpu_on_paper(built: dict[str, list[dict[str, Any]]
     kv_per_token = 2 * layers * kv_heads * head_dim * 2
     kv_tokens = (budget - weights - 3.0e9) // kv_per_token
     assert kv_tokens >= 4 * int(args["max-model-len"])  # 4 full-length sequences, as the comment says
+
+
+def test_stream_overlay_reads_the_bucket_itself(built: dict[str, list[dict[str, Any]]]) -> None:
+    model = predictor(built["gpu-1x-stream"])["model"]
+    assert "storageUri" not in model  # no storage-initializer download before the engine starts
+    args = flags(model["args"])
+    assert args["load-format"] == "runai_streamer" and args["model_dir"].startswith("s3://")
+    assert flags(predictor(built["gpu-1x"])["model"]["args"]).items() - args.items() == set()
