@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sections",
         nargs="+",
-        choices=["online", "batch", "run_batch", "priority"],
-        help="default: all; batch = evllm jobs, run_batch = vllm run-batch",
+        choices=["online", "batch", "run_batch", "priority", "startup"],
+        help="default: all; batch = evllm jobs, run_batch = vllm run-batch, startup = cold starts by phase "
+        "(fresh and prepared cache, both servers)",
     )
     p.add_argument(
         "--report-only", action="store_true", help="rewrite results.md/bench.png from results.json"
@@ -63,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sections:
         cfg.sections = tuple(args.sections)
     if args.url is not None:
-        if args.sections and "run_batch" in args.sections:
-            p.error("--url: run_batch starts its own engine; leave it out")
-        cfg.sections = tuple(s for s in cfg.sections if s != "run_batch")
+        if args.sections and {"run_batch", "startup"} & set(args.sections):
+            p.error("--url: run_batch starts its own engine, and so does startup; leave them out")
+        cfg.sections = tuple(s for s in cfg.sections if s not in ("run_batch", "startup"))
         if {"batch", "priority"} & set(cfg.sections) and args.storage is None:
             p.error(
                 "--url with the batch or priority section needs --storage (inside the server's storage roots)"

@@ -110,8 +110,39 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "ratio": med([cs["evllm"][r] / cs["vllm"][r] for r in cs["evllm"] if r in cs["vllm"]]),
             "repeats": len(cs["evllm"]),
         }
+    s["startup"] = startup(results.get("startup", []))
     s["targets"] = targets(s, results)
     return s
+
+
+STARTUP_ROWS = (("vllm", "fresh"), ("vllm", "warm"), ("evllm", "fresh"), ("evllm", "prepared"))
+
+
+def startup(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians per (server, cache) and phase; ratios of evllm's prepared start to vllm serve's, per repeat."""
+    from predictors.startup import PHASES
+
+    by: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        by[(r["server"], r["cache"])][r["repeat"]] = r
+    if not by:
+        return {}
+    out: dict[str, Any] = {"rows": [], "repeats": len({r["repeat"] for r in rows})}
+    for key in STARTUP_ROWS:
+        runs = list(by.get(key, {}).values())
+        if runs:
+            out["rows"].append({
+                "server": key[0], "cache": key[1], "seconds": med([r["seconds"] for r in runs]),
+                "phases": {p: med([r["phases"].get(p, 0.0) for r in runs]) for p in PHASES},
+            })  # fmt: skip
+    prepare_runs = list(by.get(("evllm", "prepare"), {}).values())
+    out["prepare_seconds"] = med([r["seconds"] for r in prepare_runs]) if prepare_runs else None
+    prepared = by.get(("evllm", "prepared"), {})
+    for name, base in (("vs_vllm_fresh", ("vllm", "fresh")), ("vs_vllm_warm", ("vllm", "warm"))):
+        other = by.get(base, {})
+        xs = [prepared[r]["seconds"] / other[r]["seconds"] for r in prepared if r in other]
+        out[f"prepared_{name}"] = med(xs) if xs else None
+    return out
 
 
 def _find(s: dict[str, Any], series: str, c: int) -> dict[str, Any] | None:
@@ -141,6 +172,8 @@ def targets(s: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
     add("batch marginal tok/s / run-batch", s["batch"].get("marginal_ratio"), 0.95, True)
     add("online p95 under batch / idle", s["priority"].get("ratio"), 1.3, False)
     add("cold start evllm / vllm serve", s["cold_start"].get("ratio"), 1.05, False)
+    add("prepared evllm start / vllm serve fresh", s["startup"].get("prepared_vs_vllm_fresh"), 0.6, False)
+    add("prepared evllm start / vllm serve warm", s["startup"].get("prepared_vs_vllm_warm"), 1.0, False)
     return out
 
 
@@ -262,6 +295,30 @@ def markdown(results: dict[str, Any], s: dict[str, Any]) -> str:
             "| vllm serve s | evllm s | ratio |",
             "|---:|---:|---:|",
             f"| {_f(c['vllm'], '{:.1f}')} | {_f(c['evllm'], '{:.1f}')} | {_f(c['ratio'])} |",
+        ]
+    st = s["startup"]
+    if st:
+        from predictors.startup import PHASES
+
+        lines += [
+            "",
+            f"## Cold start by phase (seconds, median of {st['repeats']}; process start to ready)",
+            "",
+            "fresh: an empty vLLM cache directory; warm: vllm serve's cache as its previous start left it; "
+            "prepared: `evllm prepare` built it. Phases are cut at the same vLLM log lines for both servers "
+            "(`predictors/startup.py`).",
+            "",
+            "| server | cache | total | " + " | ".join(PHASES) + " |",
+            "|---|---|---:|" + "---:|" * len(PHASES),
+        ]
+        for row in st["rows"]:
+            cells = " | ".join(_f(row["phases"][p], "{:.1f}") for p in PHASES)
+            lines.append(f"| {row['server']} | {row['cache']} | {_f(row['seconds'], '{:.1f}')} | {cells} |")
+        lines += [
+            "",
+            f"`evllm prepare`: {_f(st['prepare_seconds'], '{:.1f}')} s. Prepared evllm start / vllm serve "
+            f"fresh: **{_f(st['prepared_vs_vllm_fresh'])}** (target <= 0.6); / vllm serve warm: "
+            f"**{_f(st['prepared_vs_vllm_warm'])}** (target <= 1.0).",
         ]
     return "\n".join(lines) + "\n"
 

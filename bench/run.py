@@ -14,7 +14,7 @@ from typing import Any
 
 from predictors.demo_model import ensure_demo_model
 
-from . import batchjobs
+from . import batchjobs, coldstart
 from .load import openai_completions, run_load, v2_generate, v2_infer
 from .servers import MODEL_NAME, Attached, Server, engine_lock, run_batch, running, work_dir
 
@@ -37,7 +37,7 @@ class Config:
     # evllm serve defaults to priority scheduling (batch runs below online traffic); give vllm serve
     # and run_batch the same policy so every engine runs with identical arguments.
     vllm_policy: str = "priority"
-    sections: tuple[str, ...] = ("online", "batch", "run_batch", "priority")
+    sections: tuple[str, ...] = ("online", "batch", "run_batch", "priority", "startup")
     # Attach to an `evllm serve` already running at url instead of starting servers (no vllm serve,
     # run_batch or cold start); batch and priority jobs then live in `storage`, which must be inside
     # that server's --storage_roots.
@@ -46,8 +46,10 @@ class Config:
 
     @classmethod
     def smoke(cls) -> Config:
+        # No startup section: its five engine starts are most of a full run's (`--sections startup` runs it).
         return cls(repeats=1, concurrencies=[1, 4], warmup=0.5, duration=2.0, batch_big=40, batch_small=0,
-                   chunk_size=None, priority_lines=300, priority_concurrency=2)  # fmt: skip
+                   chunk_size=None, priority_lines=300, priority_concurrency=2,
+                   sections=("online", "batch", "run_batch", "priority"))  # fmt: skip
 
 
 def machine() -> dict[str, Any]:
@@ -94,6 +96,7 @@ class Bench:
             "machine": machine(),
             "online": [],
             "cold_start": [],
+            "startup": [],
             "batch": [],
             "priority": [],
         }
@@ -212,10 +215,14 @@ class Bench:
             # session's engines may run between repeats, never between the two sides of a comparison).
             with engine_lock():
                 self.log(f"repeat {rep + 1}/{self.cfg.repeats}")
-                self.vllm_session(rep)  # A
-                if "run_batch" in self.cfg.sections:
-                    self.run_batch(rep)  # A (batch)
-                self.evllm_session(rep)  # B
+                if {"online", "batch", "run_batch", "priority"} & set(self.cfg.sections):
+                    self.vllm_session(rep)  # A
+                    if "run_batch" in self.cfg.sections:
+                        self.run_batch(rep)  # A (batch)
+                    self.evllm_session(rep)  # B
+                if "startup" in self.cfg.sections:
+                    self.results["startup"] += coldstart.measure(self, rep)
+                    self.save()
         self.save()
         return self.results
 

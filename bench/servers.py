@@ -103,19 +103,30 @@ class Server:
         self.log_path = log_dir / f"{kind}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.cold_start: float | None = None
+        # The start's log lines with their arrival (seconds after the process started, to ~0.1 s).
+        self.lines: list[tuple[float, str]] = []
 
     def start(self, timeout: float = 600.0) -> Server:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}:\n{self.tail()}")
-            if _ready(self.url + self.ready_path):
-                self.cold_start = time.perf_counter() - t0
-                return self
-            time.sleep(0.1)
+        with open(self.log_path, "rb") as reader:
+            reader.seek(offset)
+            pending = b""
+            while time.monotonic() < deadline:
+                chunk = reader.read()
+                if chunk:
+                    now = time.perf_counter() - t0
+                    *done, pending = (pending + chunk).split(b"\n")
+                    self.lines += [(now, line.decode("utf-8", "replace")) for line in done]
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}:\n{self.tail()}")
+                if _ready(self.url + self.ready_path):
+                    self.cold_start = time.perf_counter() - t0
+                    return self
+                time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"{self.kind} not ready after {timeout}s:\n{self.tail()}")
 

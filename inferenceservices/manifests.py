@@ -81,6 +81,47 @@ _PVC_SCHEMA: dict[str, Any] = {
     },
 }
 _BUILTIN_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {("v1", "PersistentVolumeClaim"): _PVC_SCHEMA}
+# batch/v1 Job (the model-cache overlay's one-off `evllm prepare`): its pod template's fields are core
+# PodSpec fields, whose schemas the InferenceService CRD already carries (predictor = a PodSpec).
+_POD_FIELDS = (
+    "containers", "initContainers", "volumes", "nodeSelector", "tolerations", "affinity", "securityContext",
+    "serviceAccountName",
+)  # fmt: skip
+
+
+def _job_schema(isvc: dict[str, Any]) -> dict[str, Any]:
+    predictor = isvc["properties"]["spec"]["properties"]["predictor"]["properties"]
+    pod = {name: predictor[name] for name in _POD_FIELDS}
+    pod["restartPolicy"] = {"type": "string", "enum": ["OnFailure", "Never"]}  # a Job's pods only
+    return {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": {
+                "type": "object",
+                "required": ["template"],
+                "properties": {
+                    "backoffLimit": {"type": "integer", "minimum": 0},
+                    "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+                    "template": {
+                        "type": "object",
+                        "properties": {
+                            "metadata": {"type": "object"},
+                            "spec": {
+                                "type": "object",
+                                "required": ["containers", "restartPolicy"],
+                                "properties": pod,
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    }
 
 
 class ManifestError(ValueError):
@@ -122,6 +163,7 @@ def load_schemas(crd_dir: Path = CRD_DIR) -> dict[tuple[str, str], dict[str, Any
                 schema = version.get("schema", {}).get("openAPIV3Schema")
                 if version.get("served") and schema:
                     schemas[(f"{group}/{version['name']}", kind)] = _openapi_to_jsonschema(schema)
+    schemas[("batch/v1", "Job")] = _job_schema(schemas[("serving.kserve.io/v1beta1", "InferenceService")])
     return schemas
 
 

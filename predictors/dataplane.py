@@ -72,6 +72,8 @@ class DataPlane:
         for hook in self.engine_hooks:
             hook(self.engine.client)
         await self.openai.start()
+        if self.engine.timeline is not None:
+            self.engine.timeline.end("http_ready")
 
     @property
     def ready(self) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 from . import kv_cache
 from .errors import EngineStartFailed, InvalidInput, NotReady
+from .startup import EngineLog, StdoutTap, Timeline
 
 logger = logging.getLogger("evllm.engine")
 
@@ -43,9 +44,15 @@ def explain_start_failure(exc: BaseException) -> str:
 class Engine:
     """Owns the AsyncLLM: start, health, and generation with vLLM's errors mapped to ours."""
 
-    def __init__(self, args: Namespace, explicit_flags: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        args: Namespace,
+        explicit_flags: frozenset[str] = frozenset(),
+        timeline: Timeline | None = None,
+    ):
         self.args = args
         self.explicit_flags = set(explicit_flags)  # engine flags the user gave (they beat our defaults)
+        self.timeline = timeline  # the start's phases (None: not measured, e.g. in-process tests)
         self.client: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self.supported_tasks: tuple[str, ...] = ()
         self.draining = False
@@ -76,13 +83,38 @@ class Engine:
                 disable_log_stats=engine_args.disable_log_stats,
             )
 
-        client = await asyncio.to_thread(build)
+        client = await self._measured(build)
         # Start reading engine outputs now, so an engine failure is noticed before the first request.
         client._run_output_handler()
         await client.reset_mm_cache()
         self.client = client
         self.supported_tasks = tuple(await client.get_supported_tasks())
         logger.info("engine ready: model=%s max_model_len=%d", self.args.model, self.max_model_len)
+
+    async def _measured(self, build: Any) -> Any:
+        """Build the engine, cutting its phases at vLLM's own log lines (see `startup`)."""
+        timeline = self.timeline
+        if timeline is None:
+            return await asyncio.to_thread(build)
+        timeline.end("settings")
+        engine_log = EngineLog(timeline.end)
+        tap = StdoutTap(engine_log.feed)
+        tap.open()
+        try:
+            client = await asyncio.to_thread(build)
+        finally:
+            tap.close()
+        # The handshake can overtake the last lines on their way through the tap.
+        for _ in range(20):
+            if engine_log.done:
+                break
+            await asyncio.sleep(0.05)
+        if not engine_log.done:
+            logger.warning(
+                "vLLM's startup log lines were not all seen: later engine phases count as kv_cache"
+            )
+        timeline.end("kv_cache")
+        return client
 
     @property
     def ready(self) -> bool:

@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -151,11 +151,19 @@ def read_settings(
         parser.error(str(exc))
 
 
-def parse_args(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> Settings:
-    """Split argv into KServe/evllm flags and vLLM engine flags, the way each project spells them."""
+def parse_args(
+    argv: Sequence[str],
+    extensions: Sequence[Extension] = (),
+    before_vllm: Callable[[Settings], None] | None = None,
+) -> Settings:
+    """Split argv into KServe/evllm flags and vLLM engine flags, the way each project spells them.
+    ``before_vllm`` runs once evllm's own settings are known, before vLLM (and Hugging Face's libraries,
+    which read their environment when imported) is imported to parse the engine flags."""
     parser = build_parser(extensions)
     kargs, rest = parser.parse_known_args(list(argv))
     settings = read_settings(parser, kargs, extensions)
+    if before_vllm is not None:
+        before_vllm(settings)
     # Before vLLM's parser: a missing model is refused without importing vLLM (~10 s).
     try:
         model = resolve_model(settings.server)
@@ -322,17 +330,31 @@ def _lean_kserve_app(event_loop: str) -> None:
             asyncio.set_event_loop(asyncio.new_event_loop())
 
 
+def use_caches(settings: Settings) -> None:
+    """vLLM's compile cache and Hugging Face downloads under --cache_dir (see compile_cache)."""
+    from . import compile_cache
+
+    compile_cache.use(settings.server.cache_dir)
+
+
 def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
+    import time
+
     from kserve import ModelServer
     from kserve.model_server import app
 
     from . import logs
     from .model import EvllmModel, strict_decode
     from .shutdown import GracefulShutdown
+    from .startup import Timeline
 
-    settings = parse_args(argv, extensions)
+    imported = time.time()
+    settings = parse_args(argv, extensions, use_caches)
     logs.configure(settings.server.log_format)
-    dataplane = DataPlane(Engine(settings.engine, settings.engine_flags), settings.kserve.model_name)
+    timeline = Timeline(settings.kserve.model_name)
+    timeline.end("imports", imported)
+    engine = Engine(settings.engine, settings.engine_flags, timeline)
+    dataplane = DataPlane(engine, settings.kserve.model_name)
     model = EvllmModel(settings.kserve.model_name, dataplane)
     try:
         admission = assemble(app, dataplane, settings, extensions)
@@ -373,9 +395,13 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
         sys.exit(1)
 
 
-def main(argv: Sequence[str] | None = None, extensions: Sequence[Extension] = ()) -> None:
-    # What `vllm serve` sets up (vllm.entrypoints.serve.utils.api_utils.cli_env_setup), without importing
-    # vLLM before the flags are parsed: `--help` and usage errors answer in a second.
+def setup_environment() -> None:
+    """What `vllm serve` sets up (vllm.entrypoints.serve.utils.api_utils.cli_env_setup), without importing
+    vLLM before the flags are parsed: `--help` and usage errors answer in a second."""
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: Sequence[str] | None = None, extensions: Sequence[Extension] = ()) -> None:
+    setup_environment()
     serve(sys.argv[1:] if argv is None else argv, extensions)

@@ -63,7 +63,22 @@ def results() -> dict[str, Any]:
         ],
         "batch": batch,
         "priority": priority,
+        "startup": startup_rows(),
     }
+
+
+def startup_rows() -> list[dict[str, Any]]:
+    rows = []
+    for rep, scale in ((0, 1.0), (1, 2.0)):
+        for server, cache, compile_s in (("vllm", "fresh", 16.0), ("vllm", "warm", 6.0),
+                                         ("evllm", "fresh", 16.0), ("evllm", "prepared", 2.0)):  # fmt: skip
+            phases = {"imports": 3.0, "settings": 1.0, "engine_process": 10.0, "weights": 1.0,
+                      "compile": compile_s, "kv_cache": 4.0, "http_ready": 1.0}  # fmt: skip
+            phases = {p: x * scale for p, x in phases.items()}
+            rows.append({"repeat": rep, "server": server, "cache": cache, "seconds": sum(phases.values()),
+                         "phases": phases})  # fmt: skip
+        rows.append({"repeat": rep, "server": "evllm", "cache": "prepare", "seconds": 40.0, "phases": {}})
+    return rows
 
 
 def test_summary_ratios_are_per_repeat_and_targets_judge_them() -> None:
@@ -77,6 +92,10 @@ def test_summary_ratios_are_per_repeat_and_targets_judge_them() -> None:
     assert math.isclose(targets["batch marginal tok/s / run-batch"]["value"], 100 / 105)
     assert math.isclose(targets["online p95 under batch / idle"]["value"], 1.2)
     assert math.isclose(targets["cold start evllm / vllm serve"]["value"], 1.02)
+    # Start to ready: prepared evllm 22 s, vllm serve 36 s fresh and 26 s warm (per repeat, same ratio).
+    assert math.isclose(targets["prepared evllm start / vllm serve fresh"]["value"], 22 / 36)
+    assert math.isclose(targets["prepared evllm start / vllm serve warm"]["value"], 22 / 26)
+    assert s["startup"]["rows"][3]["phases"]["compile"] == 3.0  # median of 2 s and 4 s
     met = {name: t["met"] for name, t in targets.items()}
     assert met == {
         "OpenAI throughput ratio, c=16": True,
@@ -86,6 +105,8 @@ def test_summary_ratios_are_per_repeat_and_targets_judge_them() -> None:
         "batch marginal tok/s / run-batch": True,
         "online p95 under batch / idle": True,
         "cold start evllm / vllm serve": True,
+        "prepared evllm start / vllm serve fresh": False,  # 0.61 > 0.6
+        "prepared evllm start / vllm serve warm": True,
     }
     # End to end incl. the engine start: evllm 117 s vs run_batch 120 s for the big job.
     assert math.isclose(s["batch"]["e2e_ratio_with_start"], 120 / 117)
@@ -101,4 +122,6 @@ def test_markdown_has_every_section(tmp_path: Path) -> None:
         assert section in md
     assert "| 16 | evllm V2 generate | 56.2 | 1800 |" in md  # medians of the two repeats
     assert "| evllm+start | 12.0 | 117.0 |" in md
+    assert "| evllm | prepared | 33.0 | 4.5 | 1.5 | 15.0 | 1.5 | 3.0 | 6.0 | 1.5 |" in md
+    assert "`evllm prepare`: 40.0 s" in md
     assert "not measured" not in md

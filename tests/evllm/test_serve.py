@@ -61,3 +61,22 @@ def test_an_engine_that_cannot_start_exits_1_with_one_line(cache_dir) -> None:
     last = proc.tail(1)
     assert last.startswith("evllm serve: engine failed to start: the KV cache asked for"), last
     assert "--kv-cache-memory-bytes" in last
+
+
+def test_prepare_takes_serves_flags_and_refuses_a_missing_model(tmp_path) -> None:
+    """`evllm prepare` parses serve's command line (eventing's flags included) and refuses what serve
+    refuses, before any engine starts."""
+    import subprocess
+    import sys
+
+    empty = tmp_path / "models"
+    empty.mkdir()
+    cmd = [sys.executable, "-m", "evllm", "prepare", "--model_name", "llm", "--model_dir", str(empty),
+           "--storage_roots", str(tmp_path), "--max-model-len", "256"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"--model_dir {empty}: no model there" in out.stderr
+    helped = subprocess.run(
+        [sys.executable, "-m", "evllm", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert "prepare" in helped.stdout

@@ -19,6 +19,9 @@ TARGETS = {
     "gpu-4x": KUSTOMIZE_ROOT / "overlays" / "gpu-4x",
     "cpu-dev": KUSTOMIZE_ROOT / "overlays" / "cpu-dev",
     "model-cache": KUSTOMIZE_ROOT / "overlays" / "model-cache",
+    "spot-batch": KUSTOMIZE_ROOT / "overlays" / "spot-batch",
+    "gpu-1x-awq": KUSTOMIZE_ROOT / "overlays" / "gpu-1x-awq",
+    "gpu-1x-stream": KUSTOMIZE_ROOT / "overlays" / "gpu-1x-stream",
 }
 CRD_DIR = manifests.CRD_DIR  # the vendored CRDs (inferenceservices/crds/SOURCES.md names their commits)
 
@@ -36,7 +39,11 @@ def built() -> dict[str, list[dict[str, Any]]]:
     return {name: kustomize(path) for name, path in TARGETS.items()}
 
 
-def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [o for o in objs if o["kind"] == kind]
+def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objs if o["kind"] == kind and name in (None, o["metadata"]["name"])]
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
     return found[0]
+
+
+def every(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]

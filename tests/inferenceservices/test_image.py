@@ -127,15 +127,18 @@ for argv in json.load(sys.stdin):
         continue
     v = s.engine
     out.append({"model_name": s.kserve.model_name, "http_port": s.kserve.http_port, "model": v.model,
-                "tp": v.tensor_parallel_size, "max_model_len": v.max_model_len, "dtype": v.dtype})
+                "tp": v.tensor_parallel_size, "max_model_len": v.max_model_len, "dtype": v.dtype,
+                "load_format": v.load_format})
 print("RESULT" + json.dumps(out))
 """
 
 
-def _container_argv(objs: list[dict[str, Any]], models: Path) -> list[str]:
+def _container_argv(objs: list[dict[str, Any]], models: Path, name: str | None = None) -> list[str]:
     """What KServe runs: runtime args with {{.Name}} rendered, then the InferenceService's model args;
     /mnt/models (filled by the storage initializer in a pod) is a directory with a file here."""
-    isvc = one(objs, "InferenceService")
+    isvcs = [o for o in objs if o["kind"] == "InferenceService" and name in (None, o["metadata"]["name"])]
+    assert len(isvcs) == 1, name
+    isvc = isvcs[0]
     runtime = one(objs, "ClusterServingRuntime")["spec"]["containers"][0]
     name = isvc["metadata"]["name"]
     argv = [a.replace("{{.Name}}", name) for a in runtime["args"]] + isvc["spec"]["predictor"]["model"][
@@ -150,8 +153,24 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
     models = tmp_path / "mnt-models"
     models.mkdir()
     (models / "config.json").write_text("{}")
-    targets = ["gpu-1x", "gpu-4x", "cpu-dev", "model-cache"]
-    argvs = [_container_argv(built[t], models) for t in targets]
+    targets = [
+        "gpu-1x",
+        "gpu-4x",
+        "cpu-dev",
+        "model-cache",
+        "gpu-1x-awq",
+        "spot-batch:llm",
+        "spot-batch:llm-spot",
+        "gpu-1x-stream",
+    ]
+    argvs = [
+        _container_argv(built[t.partition(":")[0]], models, t.partition(":")[2] or None) for t in targets
+    ]
+    # The model-cache Job prepares with the predictor's own command line (the compile cache is keyed on it).
+    job = one(built["model-cache"], "Job")["spec"]["template"]["spec"]["containers"][0]
+    assert job["command"] == ["python", "-m", "evllm", "prepare"]
+    served = argvs[targets.index("model-cache")]
+    assert [a.replace("/mnt/models", str(models)) for a in job["args"]] == served[:2] + served[3:]
     # A misspelt engine flag must fail, so the parse is proven to bite (one vLLM import for all cases).
     argvs.append(["--model_name=llm", f"--model_dir={models}", "--http_port=8080", "--tensor-paralel-size=4"])
     out = _run(["-c", _PARSE], input=json.dumps(argvs))
@@ -159,9 +178,13 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
     results = json.loads(out.stdout.split("RESULT", 1)[1])
     by_target = dict(zip([*targets, "typo"], results, strict=True))
     assert by_target.pop("typo") == {"exit": 2} and "tensor-paralel-size" in out.stderr
+    # The streaming overlay's model is its bucket, which vLLM reads itself (no /mnt/models).
+    stream = by_target.pop("gpu-1x-stream")
+    assert stream["model"] == "s3://models/qwen2.5-7b-instruct" and stream["load_format"] == "runai_streamer"
     for target, parsed in by_target.items():
         assert parsed["http_port"] == 8080 and parsed["model"] == str(models), target
         assert parsed["model_name"] == "llm", target
     assert by_target["gpu-4x"]["tp"] == 4 and by_target["gpu-1x"]["tp"] == 1
     assert by_target["gpu-4x"]["max_model_len"] == 16384
     assert by_target["cpu-dev"]["dtype"] == "float32" and by_target["cpu-dev"]["max_model_len"] == 2048
+    assert by_target["gpu-1x-awq"]["dtype"] == "float16" and by_target["gpu-1x-awq"]["max_model_len"] == 16384

@@ -8,7 +8,7 @@ import pytest
 
 from inferenceservices import manifests
 
-from .conftest import CRD_DIR, TARGETS, one
+from .conftest import CRD_DIR, TARGETS, every, one
 
 GPU_IMAGE = "ghcr.io/evllm/evllm:0.1.0"
 
@@ -32,7 +32,9 @@ def test_builds_and_validates(built: dict[str, list[dict[str, Any]]], target: st
     kinds = sorted(o["kind"] for o in objs)
     expected = ["ClusterServingRuntime", "InferenceService"]
     if target == "model-cache":
-        expected = ["ClusterServingRuntime", "InferenceService", "PersistentVolumeClaim"]
+        expected = ["ClusterServingRuntime", "InferenceService", "Job", "PersistentVolumeClaim"]
+    if target == "spot-batch":
+        expected = ["ClusterServingRuntime", "InferenceService", "InferenceService", "Trigger", "Trigger"]
     assert kinds == expected
     for obj in objs:
         assert manifests.validate(obj, CRD_DIR) == [], obj["kind"]
@@ -40,7 +42,11 @@ def test_builds_and_validates(built: dict[str, list[dict[str, Any]]], target: st
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_scale_to_zero_in_knative_mode(built: dict[str, list[dict[str, Any]]], target: str) -> None:
-    isvc = one(built[target], "InferenceService")
+    for isvc in every(built[target], "InferenceService"):
+        check_scale_to_zero(isvc)
+
+
+def check_scale_to_zero(isvc: dict[str, Any]) -> None:
     ann = isvc["metadata"]["annotations"]
     pred = isvc["spec"]["predictor"]
     assert ann["serving.kserve.io/deploymentMode"] == "Knative"
@@ -66,7 +72,11 @@ def _minutes(duration: str) -> float:
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_timeouts_survive_a_cold_start(built: dict[str, list[dict[str, Any]]], target: str) -> None:
-    isvc = one(built[target], "InferenceService")
+    for isvc in every(built[target], "InferenceService"):
+        check_timeouts(target, isvc)
+
+
+def check_timeouts(target: str, isvc: dict[str, Any]) -> None:
     ann = isvc["metadata"]["annotations"]
     # 600 s is both long enough for a request that waits through a cold start and Knative's default
     # max-revision-timeout-seconds (a larger value would be rejected by a default install).
@@ -134,3 +144,107 @@ def test_runtime_container(built: dict[str, list[dict[str, Any]]], target: str) 
     assert container["ports"] == [{"containerPort": 8080, "name": "http1", "protocol": "TCP"}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/models/{{.Name}}/ready", "port": 8080}
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+
+
+def test_model_cache_prepares_the_compile_cache_beside_the_weights(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    objs = built["model-cache"]
+    pvc_name = one(objs, "PersistentVolumeClaim")["metadata"]["name"]
+    model = predictor(objs)["model"]
+    claim, _, subpath = model["storageUri"].removeprefix("pvc://").partition("/")
+    pod = one(objs, "Job")["spec"]["template"]["spec"]
+    (volume,) = pod["volumes"]
+    assert claim == pvc_name == volume["persistentVolumeClaim"]["claimName"]
+    (prepare,) = pod["containers"]
+    (fill,) = pod["initContainers"]
+    # Weights and cache land where the predictor's pvc:// mount puts them: <claim>/<subpath> at /mnt/models.
+    for container in (prepare, fill):
+        assert {"name": volume["name"], "mountPath": "/mnt/models", "subPath": subpath} in container[
+            "volumeMounts"
+        ]
+    cache_dir = {e["name"]: e["value"] for e in prepare["env"]}["EVLLM_CACHE_DIR"]
+    assert {e["name"]: e["value"] for e in model["env"]}["EVLLM_CACHE_DIR"] == cache_dir
+    assert cache_dir.startswith("/mnt/models/")
+    assert prepare["image"] == GPU_IMAGE and prepare["resources"] == model["resources"]  # the same GPU
+
+
+SPOT_LABELS = {  # the providers' node labels for spot capacity
+    "cloud.google.com/gke-spot": "true",
+    "eks.amazonaws.com/capacityType": "SPOT",
+    "kubernetes.azure.com/scalesetpriority": "spot",
+    "karpenter.sh/capacity-type": "spot",
+}
+
+
+def test_spot_pool_takes_batch_chunks_and_on_demand_takes_online_requests(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    objs = built["spot-batch"]
+    on_demand, spot = one(objs, "InferenceService", "llm"), one(objs, "InferenceService", "llm-spot")
+    assert "affinity" not in on_demand["spec"]["predictor"]
+    pred = spot["spec"]["predictor"]
+    terms = pred["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    # One term per provider: terms are ORed, the expressions inside one term ANDed.
+    assert {(e["key"], tuple(e["values"])) for t in terms for e in t["matchExpressions"]} == {
+        (k, (v,)) for k, v in SPOT_LABELS.items()
+    }
+    assert all(len(t["matchExpressions"]) == 1 for t in terms)
+    tolerated = {(t["key"], t.get("value")) for t in pred["tolerations"]}
+    assert {
+        ("kubernetes.azure.com/scalesetpriority", "spot"),
+        ("cloud.google.com/gke-spot", "true"),
+    } <= tolerated
+    # The same model and engine as the on-demand one, served under the same name.
+    od_model, spot_model = on_demand["spec"]["predictor"]["model"], pred["model"]
+    assert spot_model["storageUri"] == od_model["storageUri"]
+    assert spot_model["args"] == ["--model_name=llm", *od_model["args"]]
+    assert spot_model["resources"] == od_model["resources"]
+    assert spot_model["readinessProbe"]["httpGet"]["path"] == "/v2/models/llm/ready"
+    routes = {
+        t["spec"]["filter"]["attributes"]["type"]: t["spec"]["subscriber"]["ref"]["name"]
+        for t in every(objs, "Trigger")
+    }
+    assert routes == {"dev.evllm.inference.request": "llm", "dev.evllm.batch.chunk": "llm-spot"}
+    for trigger in every(objs, "Trigger"):
+        assert trigger["spec"]["filter"]["attributes"]["model"] == "llm"
+        assert trigger["spec"]["delivery"]["timeout"] == f"PT{pred['timeout']}S"
+
+
+def test_spot_triggers_replace_the_shipped_ones_by_name(built: dict[str, list[dict[str, Any]]]) -> None:
+    from .conftest import ROOT, kustomize
+
+    shipped = {
+        t["metadata"]["name"]: t for t in kustomize(ROOT / "eventing" / "knative") if t["kind"] == "Trigger"
+    }
+    for trigger in every(built["spot-batch"], "Trigger"):
+        original = shipped[trigger["metadata"]["name"]]  # same name: applying the overlay re-points it
+        assert trigger["spec"]["filter"] == original["spec"]["filter"]
+        assert trigger["spec"]["delivery"] == original["spec"]["delivery"]
+
+
+def test_awq_overlay_fits_its_gpu_on_paper(built: dict[str, list[dict[str, Any]]]) -> None:
+    """The patch's memory arithmetic, recomputed: weights + KV cache at the configured context fit."""
+    model = predictor(built["gpu-1x-awq"])["model"]
+    args = flags(model["args"])
+    assert model["storageUri"].endswith("-AWQ") and args["quantization"] == "awq_marlin"
+    assert args["dtype"] == "float16" and model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    layers, kv_heads, head_dim, vocab, hidden = 64, 8, 128, 152064, 5120  # Qwen2.5-32B config.json
+    embeddings = 2 * vocab * hidden * 2  # embed_tokens + lm_head in 16 bits
+    int4 = 31.2e9 * (4 + (16 + 4) / 128) / 8  # AWQ group 128: scale (16 bits) + zero (4 bits) per group
+    weights = embeddings + int4
+    assert 19.0e9 < weights < 19.6e9
+    budget = float(args["gpu-memory-utilization"]) * 48e9
+    kv_per_token = 2 * layers * kv_heads * head_dim * 2
+    kv_tokens = (budget - weights - 3.0e9) // kv_per_token
+    assert kv_tokens >= 4 * int(args["max-model-len"])  # 4 full-length sequences, as the comment says
+
+
+def test_stream_overlay_reads_the_bucket_itself(built: dict[str, list[dict[str, Any]]]) -> None:
+    model = predictor(built["gpu-1x-stream"])["model"]
+    assert "storageUri" not in model  # no storage-initializer download before the engine starts
+    args = flags(model["args"])
+    assert args["load-format"] == "runai_streamer" and args["model_dir"].startswith("s3://")
+    assert flags(predictor(built["gpu-1x"])["model"]["args"]).items() - args.items() == set()

@@ -287,3 +287,26 @@ def test_openapi_describes_every_route_but_the_disabled_ones():
 def test_liveness_answered_while_the_real_engine_started(server):
     # Recorded by the fixture while the session server's engine was starting (a real cold start).
     assert server.live_before_ready
+
+
+def test_caches_are_set_before_vllm_and_hugging_face_are_imported(
+    demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub reads HF_HOME when imported, and vLLM's parser imports it: serve and prepare point
+    the caches at --cache_dir before building that parser."""
+    from predictors import server
+
+    seen: list[str] = []
+    build = server._vllm_parser
+    monkeypatch.setattr(server, "_vllm_parser", lambda: (seen.append("vllm parser"), build())[1])
+    env: dict[str, str] = {}
+
+    def before(settings: Any) -> None:
+        from predictors import compile_cache
+
+        seen.append("caches")
+        compile_cache.use(settings.server.cache_dir, env)
+
+    parse_args(["--model_dir", str(demo_model_dir), "--cache_dir", str(tmp_path)], before_vllm=before)
+    assert seen == ["caches", "vllm parser"]
+    assert env == {"VLLM_CACHE_ROOT": str(tmp_path / "vllm"), "HF_HOME": str(tmp_path / "huggingface")}
