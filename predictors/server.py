@@ -173,6 +173,15 @@ def parse_args(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> Set
         vparser.error(f"unexpected positional argument {vargs.model_tag!r}; use --model_dir")
     vargs.model = model
     vargs.served_model_name = [kargs.model_name]
+    if vargs.lora_modules:
+        if not vargs.enable_lora:
+            parser.error("--lora-modules needs --enable-lora")
+        from .adapters import BadAdapter, resolve_static
+
+        try:
+            resolve_static(vargs.lora_modules, settings.server.cache_dir, vargs.max_lora_rank, model)
+        except BadAdapter as exc:
+            parser.error(f"--lora-modules: {exc.message}")
     # Background work (batch) runs below online traffic on the same engine: that needs priorities.
     if not any(a.startswith("--scheduling-policy") for a in rest):
         vargs.scheduling_policy = "priority"
@@ -209,7 +218,7 @@ def assemble(
 ) -> Admission:
     """Routes, error handlers and middleware on an app that carries KServe's V1/V2 routes; returns the
     admission controller (which the graceful shutdown drains)."""
-    from . import generate, metrics
+    from . import adapters, generate, metrics
     from .auth import Authenticator
     from .middleware import (
         AbortOnDisconnect,
@@ -229,7 +238,9 @@ def assemble(
         admission.limit,
         {p.path: p.protocol for p in policies.by_path.values()},
         tuple(proto for e in extensions for proto in e.protocols),
+        tuple(dataplane.engine.static_adapters()),
     )
+    dataplane.adapter_hooks.append(metrics.add_model)
     limits = dataplane.limits = settings.limits
     dataplane.engine_hooks.append(
         lambda client: setattr(
@@ -240,6 +251,8 @@ def assemble(
     install_handlers(app)
     app.include_router(health_router(dataplane))
     app.include_router(generate.router(dataplane))
+    # Before the OpenAI mount, which would otherwise take these paths.
+    app.include_router(adapters.router(adapters.Adapters(dataplane, settings.server.cache_dir)))
     app.mount("/openai", dataplane.openai.app)
     for ext in extensions:
         ext.attach(app, dataplane, settings.extensions[ext.title])
@@ -327,7 +340,7 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
     from kserve.model_server import app
 
     from . import logs
-    from .model import EvllmModel, strict_decode
+    from .model import EvllmModel, Repository, strict_decode
     from .shutdown import GracefulShutdown
 
     settings = parse_args(argv, extensions)
@@ -357,6 +370,7 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
     _lean_kserve_app(kargs.event_loop)
     try:
         Server(
+            registered_models=Repository(dataplane),
             http_port=kargs.http_port,
             workers=1,
             enable_grpc=kargs.enable_grpc,
