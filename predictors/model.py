@@ -98,7 +98,8 @@ class Repository(ModelRepository):  # type: ignore[misc]  # KServe ships no type
     def get_models(self) -> dict[str, Any]:
         """The base model and its adapters (KServe's V1/V2 model listings)."""
         models: dict[str, Any] = {name: self.get_model(name) for name in self.dataplane.model_names()}
-        return models | self.models
+        models.update(self.models)
+        return models
 
     def unload(self, name: str) -> None:
         if name in self.models:  # adapters are unloaded through their own route
