@@ -173,6 +173,8 @@ def parse_args(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> Set
         vparser.error(f"unexpected positional argument {vargs.model_tag!r}; use --model_dir")
     vargs.model = model
     vargs.served_model_name = [kargs.model_name]
+    if vargs.enable_lora:
+        _fix_cpu_lora(vargs)
     if vargs.lora_modules:
         if not vargs.enable_lora:
             parser.error("--lora-modules needs --enable-lora")
@@ -190,6 +192,24 @@ def parse_args(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> Set
     validate_parsed_serve_args(vargs)
     settings.engine, settings.engine_flags = vargs, _flag_names(rest)
     return settings
+
+
+def _fix_cpu_lora(vargs: argparse.Namespace) -> None:
+    """On CPU, load evllm's fix for vLLM's CPU LoRA kernels into the engine (see predictors.cpu_lora)."""
+    from vllm.platforms import current_platform
+
+    from .cpu_lora import QUALNAME
+
+    if not current_platform.is_cpu():
+        return
+    if vargs.worker_extension_cls and vargs.worker_extension_cls != QUALNAME:
+        logger.warning(
+            "--worker-extension-cls %s replaces evllm's CPU LoRA fix: base-model requests batched with "
+            "adapter requests may be generated through an adapter (predictors/cpu_lora.py)",
+            vargs.worker_extension_cls,
+        )
+        return
+    vargs.worker_extension_cls = QUALNAME
 
 
 def health_router(dataplane: DataPlane) -> APIRouter:

@@ -303,3 +303,35 @@ def test_a_bad_lora_module_is_a_one_line_usage_error(
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_the_cpu_lora_fix_gives_base_rows_no_adapter_contribution() -> None:
+    """vLLM's CPU kernel indexes the adapter weights with -1 (the base model) and gets the last slot;
+    the fix (predictors.cpu_lora, loaded into the engine by --worker-extension-cls) zeroes those rows."""
+    import torch
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    from predictors import cpu_lora
+
+    cpu_lora.apply()
+    weights = torch.ones(1, 2, 3)  # one adapter slot: rank 2, input 3
+    inputs, indices = torch.ones(2, 3), torch.tensor([-1, 0])
+    raw, fixed = torch.zeros(2, 2), torch.zeros(2, 2)
+    ops.bgmv_shrink.__wrapped__(inputs, weights, raw, indices)  # type: ignore[attr-defined]
+    assert raw.tolist() == [[3.0, 3.0], [3.0, 3.0]]  # the bug: the base row got the adapter
+    punica_cpu.bgmv_shrink(inputs, weights, fixed, indices)
+    assert fixed.tolist() == [[0.0, 0.0], [3.0, 3.0]] and inputs.tolist() == [[1.0] * 3] * 2
+    expand = torch.zeros(2, 3)
+    ops.sgmv_expand(torch.ones(2, 2), torch.ones(1, 3, 2), expand, None, torch.tensor([1, 1]), indices, 2, 1, 2,
+                    add_inputs=True)  # fmt: skip
+    assert expand.tolist() == [[0.0] * 3, [2.0] * 3]
+    assert all(getattr(ops, k) is getattr(punica_cpu, k) for k in cpu_lora.KERNELS)
+
+
+def test_lora_on_cpu_loads_the_fix_into_the_engine(tmp_path: Path) -> None:
+    from predictors.cpu_lora import QUALNAME
+
+    argv = ["--model_name", "m", "--model_dir", "demo", "--cache_dir", str(tmp_path)]
+    assert parse_args([*argv, "--enable-lora"]).engine.worker_extension_cls == QUALNAME
+    assert not parse_args(argv).engine.worker_extension_cls  # LoRA off: nothing changes
