@@ -27,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-lines", type=int, nargs=2, metavar=("SMALL", "BIG"))
     p.add_argument("--chunk-size", type=int, help="evllm batch job chunk_size (0: the server's default)")
     p.add_argument("--priority-lines", type=int, help="lines of the batch job run under online load")
+    p.add_argument("--lora-concurrency", type=int, help="concurrency of the LoRA runs (default 16)")
     p.add_argument(
         "--sections",
         nargs="+",
-        choices=["online", "batch", "run_batch", "priority"],
-        help="default: all; batch = evllm jobs, run_batch = vllm run-batch",
+        choices=["online", "batch", "run_batch", "priority", "lora"],
+        help="default: all; batch = evllm jobs, run_batch = vllm run-batch, lora = both servers with the "
+        "demo LoRA adapter, traffic over base and adapter",
     )
     p.add_argument(
         "--report-only", action="store_true", help="rewrite results.md/bench.png from results.json"
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config.smoke() if args.smoke else Config()
     for name, value in (("repeats", args.repeats), ("concurrencies", args.concurrency),
                         ("duration", args.duration), ("warmup", args.warmup),
-                        ("priority_lines", args.priority_lines)):  # fmt: skip
+                        ("priority_lines", args.priority_lines),
+                        ("lora_concurrency", args.lora_concurrency)):  # fmt: skip
         if value is not None:
             setattr(cfg, name, value)
     if args.batch_lines:
@@ -63,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.sections:
         cfg.sections = tuple(args.sections)
     if args.url is not None:
-        if args.sections and "run_batch" in args.sections:
-            p.error("--url: run_batch starts its own engine; leave it out")
-        cfg.sections = tuple(s for s in cfg.sections if s != "run_batch")
+        own = [s for s in ("run_batch", "lora") if s in (args.sections or ())]
+        if own:
+            p.error(f"--url: {' and '.join(own)} starts its own engines; leave it out")
+        cfg.sections = tuple(s for s in cfg.sections if s not in ("run_batch", "lora"))
         if {"batch", "priority"} & set(cfg.sections) and args.storage is None:
             p.error(
                 "--url with the batch or priority section needs --storage (inside the server's storage roots)"

@@ -106,6 +106,25 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "ratio": med([cs["evllm"][r] / cs["vllm"][r] for r in cs["evllm"] if r in cs["vllm"]]),
             "repeats": len(cs["evllm"]),
         }
+    # LoRA: evllm / vllm serve throughput with the same LoRA flags, per repeat.
+    lora: dict[int, dict[str, Any]] = defaultdict(dict)
+    for r in results.get("lora", []):
+        lora[r["repeat"]][r["server"]] = r
+    lp = [
+        (v["vllm"], v["evllm"]) for v in lora.values() if "vllm" in v and "evllm" in v and v["vllm"]["tok_s"]
+    ]
+    if lp:
+        s["lora"] = {
+            "concurrency": lp[0][1]["concurrency"],
+            **{
+                f"{k}_{m}": med([pair[i][m] for pair in lp])
+                for i, k in enumerate(("vllm", "evllm"))
+                for m in ("tok_s", "p50", "p95")
+            },
+            "errors": sum(v["errors"] + e["errors"] for v, e in lp),
+            "ratio": med([e["tok_s"] / v["tok_s"] for v, e in lp]),
+            "repeats": len(lp),
+        }
     s["targets"] = targets(s, results)
     return s
 
@@ -137,6 +156,13 @@ def targets(s: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
     add("batch marginal tok/s / run-batch", s["batch"].get("marginal_ratio"), 0.95, True)
     add("online p95 under batch / idle", s["priority"].get("ratio"), 1.3, False)
     add("cold start evllm / vllm serve", s["cold_start"].get("ratio"), 1.05, False)
+    lora = s.get("lora") or {}
+    add(
+        f"LoRA throughput ratio (base + adapter), c={lora.get('concurrency', 16)}",
+        lora.get("ratio"),
+        1.00,
+        True,
+    )
     return out
 
 
@@ -252,6 +278,21 @@ def markdown(results: dict[str, Any], s: dict[str, Any]) -> str:
             "|---:|---:|---:|",
             f"| {_f(c['vllm'], '{:.1f}')} | {_f(c['evllm'], '{:.1f}')} | {_f(c['ratio'])} |",
         ]
+    lo = s.get("lora")
+    if lo:
+        lines += [
+            "",
+            f"## LoRA (both servers `--enable-lora --max-lora-rank 8 --lora-modules demo-lora=<demo adapter>`; "
+            f"OpenAI completions alternating base and adapter, c={lo['concurrency']})",
+            "",
+            "| server | output tok/s | p50 ms | p95 ms |",
+            "|---|---:|---:|---:|",
+            *(f"| {name} | {_f(lo[k + '_tok_s'], '{:.0f}')} | {_f(lo[k + '_p50'] * 1e3, '{:.1f}')} | "
+              f"{_f(lo[k + '_p95'] * 1e3, '{:.1f}')} |" for k, name in (("vllm", "vllm serve"), ("evllm", "evllm"))),
+            "",
+            f"evllm / vllm serve throughput (median of per-repeat ratios): **{_f(lo['ratio'])}**; "
+            f"errors: {lo['errors']}.",
+        ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
