@@ -19,7 +19,8 @@ class ServerConfig:
     )
     cache_dir: str = setting(
         os.path.join(os.path.expanduser("~"), ".cache", "evllm"),
-        "Where evllm keeps files it generates (the demo model).",
+        "Where evllm keeps files it generates or downloads (the demo model and adapter, LoRA adapters "
+        "from URIs).",
     )
     log_format: str = setting(
         "json",
