@@ -15,6 +15,7 @@ with ``--enable-lora`` and behind evllm's authentication like every route. Unloa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -185,8 +186,6 @@ class Adapters:
         return self.dataplane.openai.serving_models()
 
     async def load(self, body: Any) -> str:
-        import asyncio
-
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 

@@ -1,7 +1,8 @@
 """Session fixtures: the demo model, the offline reference, and the real engines of the run.
 
-A run starts three engines, never two at once: vLLM's offline `LLM` (the reference output), the session
-server (`server`: started exactly as `make serve` starts it, with a test broker as its K_SINK) and, after
+A run starts three engines, never two at once: vLLM's offline `LLM` (the reference output, through the base
+model and through the demo LoRA adapter), the session server (`server`: started exactly as `make serve`
+starts it, so it serves the demo adapter as `demo-lora`, with a test broker as its K_SINK) and, after
 the crash test kills that one, the `restarted` server (same storage, plus auth and tight limits), which
 the SIGTERM test stops last. Everything else runs in-process (tests/inprocess.py).
 
