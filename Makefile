@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-# The demo model, generated on first use: no download, no GPU, no environment variables needed.
+# The demo model, generated on first use: no download, no GPU, no environment variables needed. It also
+# serves the demo LoRA adapter as the model `demo-lora` (drop the three LoRA flags to serve without LoRA).
 serve: $(STAMP)
-	$(VENV)/bin/evllm serve --model_name $(MODEL_NAME) --model_dir demo --http_port $(PORT)
+	$(VENV)/bin/evllm serve --model_name $(MODEL_NAME) --model_dir demo --enable-lora --max-lora-rank 8 --lora-modules demo-lora=demo --http_port $(PORT)
 
 # Style, the one-way package contract (import-linter) and the types (mypy, strict on the packages).
 lint: $(STAMP)

@@ -27,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-lines", type=int, nargs=2, metavar=("SMALL", "BIG"))
     p.add_argument("--chunk-size", type=int, help="evllm batch job chunk_size (0: the server's default)")
     p.add_argument("--priority-lines", type=int, help="lines of the batch job run under online load")
+    p.add_argument("--lora-concurrency", type=int, help="concurrency of the LoRA runs (default 16)")
     p.add_argument(
         "--sections",
         nargs="+",
-        choices=["online", "batch", "run_batch", "priority", "startup"],
+        choices=["online", "batch", "run_batch", "priority", "startup", "lora"],
         help="default: all; batch = evllm jobs, run_batch = vllm run-batch, startup = cold starts by phase "
-        "(fresh and prepared cache, both servers)",
+        "(fresh and prepared cache, both servers), lora = both servers with the demo LoRA adapter, traffic "
+        "over base and adapter",
     )
     p.add_argument(
         "--report-only", action="store_true", help="rewrite results.md/bench.png from results.json"
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config.smoke() if args.smoke else Config()
     for name, value in (("repeats", args.repeats), ("concurrencies", args.concurrency),
                         ("duration", args.duration), ("warmup", args.warmup),
-                        ("priority_lines", args.priority_lines)):  # fmt: skip
+                        ("priority_lines", args.priority_lines),
+                        ("lora_concurrency", args.lora_concurrency)):  # fmt: skip
         if value is not None:
             setattr(cfg, name, value)
     if args.batch_lines:
@@ -64,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.sections:
         cfg.sections = tuple(args.sections)
     if args.url is not None:
-        if args.sections and {"run_batch", "startup"} & set(args.sections):
-            p.error("--url: run_batch starts its own engine, and so does startup; leave them out")
-        cfg.sections = tuple(s for s in cfg.sections if s not in ("run_batch", "startup"))
+        own = [s for s in ("run_batch", "startup", "lora") if s in (args.sections or ())]
+        if own:
+            p.error(f"--url: {' and '.join(own)} starts its own engines; leave it out")
+        cfg.sections = tuple(s for s in cfg.sections if s not in ("run_batch", "startup", "lora"))
         if {"batch", "priority"} & set(cfg.sections) and args.storage is None:
             p.error(
                 "--url with the batch or priority section needs --storage (inside the server's storage roots)"

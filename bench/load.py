@@ -44,6 +44,18 @@ def openai_completions(prefix: str, model: str) -> Protocol:
     return Protocol("openai", prefix + "/v1/completions", bodies, lambda r: r["usage"]["completion_tokens"])
 
 
+def lora_completions(prefix: str, model: str, adapter: str) -> Protocol:
+    """OpenAI completions spread over the base model and one LoRA adapter: every prompt once for each,
+    alternating, so a closed loop keeps both in flight (the engine batches them together)."""
+    params = {"max_tokens": OUTPUT_TOKENS, "temperature": 0.0, "ignore_eos": True}
+    bodies = [
+        json.dumps({"model": m, "prompt": p, **params}).encode() for p in PROMPTS for m in (model, adapter)
+    ]
+    return Protocol(
+        "openai-lora", prefix + "/v1/completions", bodies, lambda r: r["usage"]["completion_tokens"]
+    )
+
+
 def v2_infer(model: str) -> Protocol:
     params = {"max_tokens": OUTPUT_TOKENS, "temperature": 0.0, "ignore_eos": True}
     tensor = {"name": "text_input", "datatype": "BYTES", "shape": [1]}

@@ -111,6 +111,25 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "repeats": len(cs["evllm"]),
         }
     s["startup"] = startup(results.get("startup", []))
+    # LoRA: evllm / vllm serve throughput with the same LoRA flags, per repeat.
+    lora: dict[int, dict[str, Any]] = defaultdict(dict)
+    for r in results.get("lora", []):
+        lora[r["repeat"]][r["server"]] = r
+    lp = [
+        (v["vllm"], v["evllm"]) for v in lora.values() if "vllm" in v and "evllm" in v and v["vllm"]["tok_s"]
+    ]
+    if lp:
+        s["lora"] = {
+            "concurrency": lp[0][1]["concurrency"],
+            **{
+                f"{k}_{m}": med([pair[i][m] for pair in lp])
+                for i, k in enumerate(("vllm", "evllm"))
+                for m in ("tok_s", "p50", "p95")
+            },
+            "errors": sum(v["errors"] + e["errors"] for v, e in lp),
+            "ratio": med([e["tok_s"] / v["tok_s"] for v, e in lp]),
+            "repeats": len(lp),
+        }
     s["targets"] = targets(s, results)
     return s
 
@@ -174,6 +193,13 @@ def targets(s: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
     add("cold start evllm / vllm serve", s["cold_start"].get("ratio"), 1.05, False)
     add("prepared evllm start / vllm serve fresh", s["startup"].get("prepared_vs_vllm_fresh"), 0.6, False)
     add("prepared evllm start / vllm serve warm", s["startup"].get("prepared_vs_vllm_warm"), 1.0, False)
+    lora = s.get("lora") or {}
+    add(
+        f"LoRA throughput ratio (base + adapter), c={lora.get('concurrency', 16)}",
+        lora.get("ratio"),
+        1.00,
+        True,
+    )
     return out
 
 
@@ -320,6 +346,21 @@ def markdown(results: dict[str, Any], s: dict[str, Any]) -> str:
             f"fresh: **{_f(st['prepared_vs_vllm_fresh'])}** (target <= 0.6); / vllm serve warm: "
             f"**{_f(st['prepared_vs_vllm_warm'])}** (target <= 1.0).",
         ]
+    lo = s.get("lora")
+    if lo:
+        lines += [
+            "",
+            f"## LoRA (both servers `--enable-lora --max-lora-rank 8 --lora-modules demo-lora=<demo adapter>`; "
+            f"OpenAI completions alternating base and adapter, c={lo['concurrency']})",
+            "",
+            "| server | output tok/s | p50 ms | p95 ms |",
+            "|---|---:|---:|---:|",
+            *(f"| {name} | {_f(lo[k + '_tok_s'], '{:.0f}')} | {_f(lo[k + '_p50'] * 1e3, '{:.1f}')} | "
+              f"{_f(lo[k + '_p95'] * 1e3, '{:.1f}')} |" for k, name in (("vllm", "vllm serve"), ("evllm", "evllm"))),
+            "",
+            f"evllm / vllm serve throughput (median of per-repeat ratios): **{_f(lo['ratio'])}**; "
+            f"errors: {lo['errors']}.",
+        ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from predictors.demo_model import ensure_demo_model
+from predictors.demo_model import ADAPTER_RANK, ensure_demo_adapter, ensure_demo_model
 
 from . import batchjobs, coldstart
-from .load import openai_completions, run_load, v2_generate, v2_infer
-from .servers import MODEL_NAME, Attached, Server, engine_lock, run_batch, running, work_dir
+from .load import lora_completions, openai_completions, run_load, v2_generate, v2_infer
+from .servers import ADAPTER, MODEL_NAME, Attached, Server, engine_lock, run_batch, running, work_dir
 
 
 @dataclass
@@ -37,7 +37,10 @@ class Config:
     # evllm serve defaults to priority scheduling (batch runs below online traffic); give vllm serve
     # and run_batch the same policy so every engine runs with identical arguments.
     vllm_policy: str = "priority"
-    sections: tuple[str, ...] = ("online", "batch", "run_batch", "priority", "startup")
+    sections: tuple[str, ...] = ("online", "batch", "run_batch", "priority", "startup", "lora")
+    # LoRA: vllm serve and evllm serve both with the demo adapter (the same LoRA flags), OpenAI
+    # completions spread over the base model and the adapter, at this concurrency.
+    lora_concurrency: int = 16
     # Attach to an `evllm serve` already running at url instead of starting servers (no vllm serve,
     # run_batch or cold start); batch and priority jobs then live in `storage`, which must be inside
     # that server's --storage_roots.
@@ -49,7 +52,7 @@ class Config:
         # No startup section: its five engine starts are most of a full run's (`--sections startup` runs it).
         return cls(repeats=1, concurrencies=[1, 4], warmup=0.5, duration=2.0, batch_big=40, batch_small=0,
                    chunk_size=None, priority_lines=300, priority_concurrency=2,
-                   sections=("online", "batch", "run_batch", "priority"))  # fmt: skip
+                   sections=("online", "batch", "run_batch", "priority", "lora"), lora_concurrency=4)  # fmt: skip
 
 
 def machine() -> dict[str, Any]:
@@ -99,6 +102,7 @@ class Bench:
             "startup": [],
             "batch": [],
             "priority": [],
+            "lora": [],
         }
         # batch_small 0: one size only (no marginal rate), as in the smoke run.
         self.sizes = [n for n in (cfg.batch_small, cfg.batch_big) if n > 0]
@@ -109,6 +113,28 @@ class Bench:
         if kind != "evllm":
             args += ["--scheduling-policy", self.cfg.vllm_policy]
         return args
+
+    def lora_args(self) -> list[str]:
+        """The same LoRA flags for both servers: the demo adapter as the model `ADAPTER`."""
+        adapter = ensure_demo_adapter(self.model_dir)
+        return [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(ADAPTER_RANK),
+            "--lora-modules",
+            f"{ADAPTER}={adapter}",
+        ]
+
+    def lora_session(self, rep: int, kind: str) -> None:
+        """One server with LoRA on: throughput over base + adapter traffic at `lora_concurrency`."""
+        srv = Server(kind, self.model_dir, self.engine_args(kind) + self.lora_args(), self.cfg.env, self.logs,
+                     self.storage)  # fmt: skip
+        with running(srv):
+            self.log(f"{kind} serve (LoRA) ready in {srv.cold_start:.1f}s")
+            proto = lora_completions(srv.openai_prefix, MODEL_NAME, ADAPTER)
+            res = run_load(srv.url, proto, self.cfg.lora_concurrency, self.cfg.warmup, self.cfg.duration)
+            self.results["lora"].append({"repeat": rep, "server": kind, **res.to_dict()})
+        self.save()
 
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
@@ -220,6 +246,9 @@ class Bench:
                     if "run_batch" in self.cfg.sections:
                         self.run_batch(rep)  # A (batch)
                     self.evllm_session(rep)  # B
+                if "lora" in self.cfg.sections:
+                    self.lora_session(rep, "vllm")  # A (LoRA)
+                    self.lora_session(rep, "evllm")  # B (LoRA)
                 if "startup" in self.cfg.sections:
                     self.results["startup"] += coldstart.measure(self, rep)
                     self.save()

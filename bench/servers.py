@@ -24,6 +24,7 @@ from pathlib import Path
 from tests.server import ENGINE_LOCK, ROOT, _descendants, free_port
 
 MODEL_NAME = "demo"
+ADAPTER = "demo-lora"  # the demo LoRA adapter, in the LoRA runs
 
 
 _held = 0  # re-entrant within this process: a repeat holds it across its engines

@@ -26,8 +26,18 @@ class DataPlaneView(Protocol):
         """Count the block as online work."""
         ...
 
+    def model_names(self) -> list[str]:
+        """The names served here: the base model, then its LoRA adapters."""
+        ...
+
     async def generate(
-        self, prompt: str, params: GenerateParameters, *, request_id: str | None = None, priority: int = 0
+        self,
+        prompt: str,
+        params: GenerateParameters,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        model: str | None = None,
     ) -> Generation: ...
 
     async def openai_call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]: ...

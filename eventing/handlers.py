@@ -79,10 +79,11 @@ class Handlers:
             accepted = ", ".join([*(self.config.type(n) for n in catalog.CONSUMED), *storage_events.TYPES])
             raise BadEvent(f"unsupported event type {event.type!r}: this endpoint accepts {accepted}")
         model = event.extensions.get("model")
-        if model is not None and model != self.dataplane.model_name:
+        served = self.dataplane.model_names()
+        if model is not None and model not in served:
             # 400, not 404: Knative retries 404, and retrying cannot make this replica serve that model.
             raise BadEvent(
-                f"model {model!r} is not served here (this predictor serves {self.dataplane.model_name!r})"
+                f"model {model!r} is not served here (this predictor serves {', '.join(map(repr, served))})"
             )
         if name == "inference.request":
             return Reply(200, await self._dedup(event, self._inference))
@@ -110,14 +111,23 @@ class Handlers:
         if self.sink is not None:
             await self.sink.close()
 
-    def _event(self, name: str, data: Any, *, id_: str, subject: str | None = None, **ext: Any) -> CloudEvent:
+    def _event(
+        self,
+        name: str,
+        data: Any,
+        *,
+        id_: str,
+        subject: str | None = None,
+        model: str | None = None,
+        **ext: Any,
+    ) -> CloudEvent:
         return make_event(
             self.config.type(name),
             self.source,
             data,
             id_=id_,
             subject=subject,
-            extensions={"model": self.dataplane.model_name, **ext},
+            extensions={"model": model or self.dataplane.model_name, **ext},
         )
 
     # Inference -------------------------------------------------------------------------------------
@@ -145,12 +155,14 @@ class Handlers:
 
     async def _inference(self, event: Event) -> CloudEvent:
         request_id = f"ce-{_digest(event.source, event.id)}"
-        data = await infer(self.dataplane, event.data, request_id)
+        model = event.extensions.get("model")
+        data = await infer(self.dataplane, event.data, request_id, model)
         return self._event(
             "inference.response",
             data,
             id_=f"{request_id}-response",
             subject=event.subject,
+            model=model,
             requestid=event.id,
             requestsource=event.source,
         )

@@ -20,7 +20,11 @@ class BadData(InvalidInput):
     """The event's data does not fit its type's schema."""
 
 
-async def infer(dataplane: DataPlaneView, data: Any, request_id: str) -> dict[str, Any]:
+async def infer(
+    dataplane: DataPlaneView, data: Any, request_id: str, model: str | None = None
+) -> dict[str, Any]:
+    """``model``: the event's `model` extension (the base model or an adapter), None for the base."""
+    name = model or dataplane.model_name
     if not isinstance(data, dict):
         raise BadData("inference.request data must be a JSON object with text_input or messages")
     if ("text_input" in data) == ("messages" in data):
@@ -29,9 +33,9 @@ async def infer(dataplane: DataPlaneView, data: Any, request_id: str) -> dict[st
     params = parse_parameters(data.get("parameters"))
     with dataplane.online():
         if "text_input" in data:
-            gen = await dataplane.generate(data["text_input"], params, request_id=request_id)
+            gen = await dataplane.generate(data["text_input"], params, request_id=request_id, model=name)
             out: dict[str, Any] = {
-                "model_name": dataplane.model_name,
+                "model_name": name,
                 "text_output": gen.text,
                 "finish_reason": gen.finish_reason,
                 "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens},
@@ -39,7 +43,7 @@ async def infer(dataplane: DataPlaneView, data: Any, request_id: str) -> dict[st
         else:
             # Same default length as the generate shape, not "until the context is full".
             body = {
-                "model": dataplane.model_name,
+                "model": name,
                 "messages": data["messages"],
                 "max_tokens": DEFAULT_MAX_TOKENS,
                 **params.model_dump(exclude_none=True),
@@ -50,7 +54,7 @@ async def infer(dataplane: DataPlaneView, data: Any, request_id: str) -> dict[st
             choice = result["choices"][0]
             usage = result.get("usage") or {}
             out = {
-                "model_name": dataplane.model_name,
+                "model_name": name,
                 "text_output": choice["message"].get("content") or "",
                 "finish_reason": choice.get("finish_reason"),
                 "usage": {

@@ -19,9 +19,9 @@ class ServerConfig:
     )
     cache_dir: str = setting(
         os.path.join(os.path.expanduser("~"), ".cache", "evllm"),
-        "Where evllm keeps what a start can reuse: the demo model, vLLM's compile cache (vllm/, unless "
-        "VLLM_CACHE_ROOT is set) and Hugging Face downloads (huggingface/, unless HF_HOME is set); "
-        "`evllm prepare` fills it.",
+        "Where evllm keeps what a start can reuse: the demo model and adapter, vLLM's compile cache (vllm/, "
+        "unless VLLM_CACHE_ROOT is set), Hugging Face downloads (huggingface/, unless HF_HOME is set) and "
+        "LoRA adapters from URIs (adapters/); `evllm prepare` fills it.",
     )
     log_format: str = setting(
         "json",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Engine
-from .errors import InvalidInput
+from .errors import InvalidInput, ModelNotFound
 from .limits import Limits
 from .openai import OpenAIServer
 from .sampling import GenerateParameters, to_sampling_params
@@ -66,6 +66,8 @@ class DataPlane:
         self.limits = Limits()  # the server replaces it with the configured one
         # Called with the AsyncLLM once it exists (metrics and limits wrap its generate).
         self.engine_hooks: list[Callable[[Any], None]] = []
+        # Called with an adapter's name once it is loaded at runtime (metrics create its series).
+        self.adapter_hooks: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         await self.engine.start()
@@ -78,6 +80,37 @@ class DataPlane:
     @property
     def ready(self) -> bool:
         return self.engine.ready
+
+    # Model names: the base model and its LoRA adapters -------------------------------------------
+    def model_names(self) -> list[str]:
+        """Every name this engine serves: the base model, then its adapters (vLLM's registry once the
+        engine runs; before that, the adapters `--lora-modules` will load)."""
+        registry = self.openai.serving_models()
+        adapters = list(registry.lora_requests) if registry is not None else self.engine.static_adapters()
+        return [self.model_name, *adapters]
+
+    def not_found(self, name: str) -> ModelNotFound:
+        served = ", ".join(self.model_names())
+        return ModelNotFound(name, f"Model with name {name} does not exist. Served models: {served}.")
+
+    def check_model(self, name: str) -> None:
+        """ModelNotFound (404, naming the served models) unless ``name`` is served here."""
+        if name not in self.model_names():
+            raise self.not_found(name)
+
+    def lora_request(self, name: str | None) -> Any:
+        """The engine's LoRARequest for a model name: None for the base model."""
+        if name is None or name == self.model_name:
+            return None
+        registry = self.openai.serving_models()
+        request = registry.lora_requests.get(name) if registry is not None else None
+        if request is None:
+            raise self.not_found(name)
+        return request
+
+    def adapter_loaded(self, name: str) -> None:
+        for hook in self.adapter_hooks:
+            hook(name)
 
     # Online load, for the batch executor's backoff --------------------------------------------------
     @property
@@ -135,14 +168,20 @@ class DataPlane:
         *,
         request_id: str | None = None,
         priority: int = ONLINE_PRIORITY,
+        model: str | None = None,
     ) -> list[Generation]:
-        """Generate for N prompts concurrently (one engine request each) and return final outputs."""
+        """Generate for N prompts concurrently (one engine request each) and return final outputs;
+        ``model`` is the base model's name (or None) or an adapter's."""
+        self.engine.check_ready()
+        lora = self.lora_request(model)
         sp, inputs = await self._prepare(prompts, params, stream=False)
         rid = request_id or uuid.uuid4().hex
 
         async def one(i: int, engine_input: Any) -> Generation:
             final = None
-            async for out in self.engine.generate(engine_input, sp, f"{rid}-{i}", priority=priority):
+            async for out in self.engine.generate(
+                engine_input, sp, f"{rid}-{i}", priority=priority, lora_request=lora
+            ):
                 final = out
             assert final is not None
             o = final.outputs[0]
@@ -157,8 +196,11 @@ class DataPlane:
         *,
         request_id: str | None = None,
         priority: int = ONLINE_PRIORITY,
+        model: str | None = None,
     ) -> Generation:
-        (result,) = await self.generate_many([prompt], params, request_id=request_id, priority=priority)
+        (result,) = await self.generate_many(
+            [prompt], params, request_id=request_id, priority=priority, model=model
+        )
         return result
 
     async def prepare_stream(
@@ -168,13 +210,18 @@ class DataPlane:
         *,
         request_id: str | None = None,
         priority: int = ONLINE_PRIORITY,
+        model: str | None = None,
     ) -> AsyncIterator[Delta]:
         """Validate and tokenize now (so errors are a plain 4xx), then return the delta stream."""
+        self.engine.check_ready()
+        lora = self.lora_request(model)
         sp, (engine_input,) = await self._prepare([prompt], params, stream=True)
         rid = request_id or uuid.uuid4().hex
 
         async def stream() -> AsyncIterator[Delta]:
-            async for out in self.engine.generate(engine_input, sp, rid, priority=priority):
+            async for out in self.engine.generate(
+                engine_input, sp, rid, priority=priority, lora_request=lora
+            ):
                 o = out.outputs[0]
                 yield Delta(o.text, list(o.token_ids), finish_reason(o), len(out.prompt_token_ids or ()))
 

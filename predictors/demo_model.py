@@ -2,7 +2,9 @@
 
 Random weights from a fixed seed and a byte-level BPE tokenizer trained on a built-in corpus, so the
 same files come out on every machine and greedy output is reproducible. Its text is gibberish by design:
-it exists so every protocol path can be tested token-exact on CPU.
+it exists so every protocol path can be tested token-exact on CPU. Beside it, in ``lora/``, a demo LoRA
+adapter in PEFT's layout (rank 8 on the attention projections, weights from a fixed seed), strong enough
+that greedy output through it differs from the base model's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ MAX_POSITIONS = 2048
 SEED = 20261127
 # Bump when anything below changes, so cached copies are regenerated.
 DEMO_VERSION = "1"
+# The demo adapter: its own version (a new adapter must not move the model, whose path keys vLLM's
+# compile cache), rank and seed.
+ADAPTER_DIR = "lora"
+ADAPTER_VERSION = "1"
+ADAPTER_RANK = 8
+ADAPTER_ALPHA = 16
+ADAPTER_SEED = 20261128
+ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -167,8 +177,78 @@ def write_demo_model(directory: str | os.PathLike[str]) -> Path:
     special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, sort_keys=True) + "\n")
     save_file(_weights(vocab), str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_demo_adapter(out / ADAPTER_DIR)
     (out / "EVLLM_DEMO_VERSION").write_text(DEMO_VERSION + "\n")
     return out
+
+
+def _adapter_weights() -> dict[str, np.ndarray]:
+    """PEFT's tensor names (``base_model.model.<module>.lora_A/B.weight``; A is [r, in], B is [out, r]).
+    B is not zero (as PEFT initialises it) but random: a trained adapter's delta, large enough to move
+    the greedy argmax."""
+    rng = np.random.default_rng(ADAPTER_SEED)
+    head_dim = HIDDEN // HEADS
+    shapes = {  # module -> (in, out)
+        "q_proj": (HIDDEN, HEADS * head_dim),
+        "k_proj": (HIDDEN, KV_HEADS * head_dim),
+        "v_proj": (HIDDEN, KV_HEADS * head_dim),
+        "o_proj": (HEADS * head_dim, HIDDEN),
+    }
+    w: dict[str, np.ndarray] = {}
+    for i in range(LAYERS):
+        for module in ADAPTER_TARGETS:
+            fan_in, fan_out = shapes[module]
+            p = f"base_model.model.model.layers.{i}.self_attn.{module}."
+            w[p + "lora_A.weight"] = rng.normal(0.0, 0.15, size=(ADAPTER_RANK, fan_in)).astype(np.float32)
+            w[p + "lora_B.weight"] = rng.normal(0.0, 0.15, size=(fan_out, ADAPTER_RANK)).astype(np.float32)
+    return w
+
+
+def write_demo_adapter(directory: str | os.PathLike[str], base_model: str = "evllm-demo") -> Path:
+    """Write the demo LoRA adapter (PEFT layout) into ``directory`` and return its path."""
+    from safetensors.numpy import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": ADAPTER_RANK,
+        "lora_alpha": ADAPTER_ALPHA,
+        "lora_dropout": 0.0,
+        "target_modules": list(ADAPTER_TARGETS),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(_adapter_weights(), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "EVLLM_ADAPTER_VERSION").write_text(ADAPTER_VERSION + "\n")
+    return out
+
+
+def adapter_dir(model_directory: str | os.PathLike[str]) -> Path:
+    """Where the demo adapter lives: ``lora/`` inside the demo model's directory."""
+    return Path(model_directory) / ADAPTER_DIR
+
+
+def ensure_demo_adapter(model_directory: str | os.PathLike[str]) -> Path:
+    """Return the demo adapter of a demo model directory, generating it once (atomically) if missing."""
+    target = adapter_dir(ensure_demo_model(model_directory))
+    marker = target / "EVLLM_ADAPTER_VERSION"
+    if marker.exists() and marker.read_text().strip() == ADAPTER_VERSION:
+        return target
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    write_demo_adapter(tmp)
+    import shutil
+
+    shutil.rmtree(target, ignore_errors=True)  # an older version's
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
+    return target
 
 
 def demo_dir(cache_dir: str | os.PathLike[str]) -> Path:
@@ -196,10 +276,12 @@ def ensure_demo_model(directory: str | os.PathLike[str]) -> Path:
 
 
 def digest(directory: str | os.PathLike[str]) -> str:
-    """sha256 over every file of a model directory, to show generation is byte-identical."""
+    """sha256 over every file of a model directory (its adapter too), to show generation is
+    byte-identical."""
     h = hashlib.sha256()
-    for path in sorted(Path(directory).iterdir()):
+    root = Path(directory)
+    for path in sorted(root.rglob("*")):
         if path.is_file():
-            h.update(path.name.encode())
+            h.update(path.relative_to(root).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()

@@ -154,8 +154,22 @@ class Engine:
         except (VLLMClientError, ValueError, TypeError) as exc:
             raise InvalidInput(str(exc)) from exc
 
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(getattr(self.args, "enable_lora", False))
+
+    def static_adapters(self) -> list[str]:
+        """The adapters `--lora-modules` names (vLLM loads them when the engine starts)."""
+        return [m.name for m in getattr(self.args, "lora_modules", None) or ()]
+
     async def generate(
-        self, engine_input: Any, sampling_params: Any, request_id: str, *, priority: int = 0
+        self,
+        engine_input: Any,
+        sampling_params: Any,
+        request_id: str,
+        *,
+        priority: int = 0,
+        lora_request: Any = None,
     ) -> AsyncIterator[Any]:
         """Stream RequestOutputs; cancelling the consumer aborts the request in the engine."""
         from vllm.exceptions import VLLMClientError
@@ -164,7 +178,7 @@ class Engine:
         self.check_ready()
         try:
             async for out in self.client.generate(
-                engine_input, sampling_params, request_id, priority=priority
+                engine_input, sampling_params, request_id, priority=priority, lora_request=lora_request
             ):
                 yield out
         except EngineDeadError as exc:

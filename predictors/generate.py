@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .dataplane import DataPlane
-from .errors import EvllmError, InvalidInput, ModelNotFound, ValidationFailed
+from .errors import EvllmError, InvalidInput, ValidationFailed
 from .sampling import parse_parameters
 
 logger = logging.getLogger("evllm.generate")
@@ -33,8 +33,7 @@ def _as_422() -> Iterator[None]:
 
 
 async def _read(request: Request, dataplane: DataPlane, model_name: str) -> tuple[str, Any, bool]:
-    if model_name != dataplane.model_name:
-        raise ModelNotFound(model_name)
+    dataplane.check_model(model_name)
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
@@ -63,9 +62,11 @@ def router(dataplane: DataPlane) -> APIRouter:
     async def generate(model_name: str, request: Request) -> JSONResponse:
         text, params, details = await _read(request, dataplane, model_name)
         with _as_422():
-            g = await dataplane.generate(text, params, request_id=request.headers.get("x-request-id"))
+            g = await dataplane.generate(
+                text, params, request_id=request.headers.get("x-request-id"), model=model_name
+            )
         body: dict[str, Any] = {
-            "model_name": dataplane.model_name,
+            "model_name": model_name,
             "text_output": g.text,
             "finish_reason": g.finish_reason,
             "prompt_tokens": g.prompt_tokens,
@@ -79,7 +80,7 @@ def router(dataplane: DataPlane) -> APIRouter:
         text, params, _ = await _read(request, dataplane, model_name)
         with _as_422():
             deltas = await dataplane.prepare_stream(
-                text, params, request_id=request.headers.get("x-request-id")
+                text, params, request_id=request.headers.get("x-request-id"), model=model_name
             )
 
         async def events() -> AsyncIterator[bytes]:
@@ -88,7 +89,7 @@ def router(dataplane: DataPlane) -> APIRouter:
                 async for d in deltas:
                     completion_tokens += len(d.token_ids)
                     payload: dict[str, Any] = {
-                        "model_name": dataplane.model_name,
+                        "model_name": model_name,
                         "text_output": d.text,
                         "finish_reason": d.finish_reason,
                     }

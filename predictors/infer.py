@@ -62,10 +62,13 @@ def v2_prompts(request: InferRequest) -> list[str]:
     return [_decode(x, i) for i, x in enumerate(items)]
 
 
-async def infer_v2(dataplane: DataPlane, request: InferRequest, request_id: str | None) -> InferResponse:
+async def infer_v2(
+    dataplane: DataPlane, request: InferRequest, request_id: str | None, model: str | None = None
+) -> InferResponse:
+    """``model``: the name the request addressed (the base model or one of its adapters)."""
     prompts = v2_prompts(request)
     params = parse_parameters(request.parameters)
-    gens = await dataplane.generate_many(prompts, params, request_id=request_id)
+    gens = await dataplane.generate_many(prompts, params, request_id=request_id, model=model)
     n = len(gens)
     outputs = [
         InferOutput("text_output", [n], "BYTES", [g.text for g in gens]),
@@ -75,7 +78,7 @@ async def infer_v2(dataplane: DataPlane, request: InferRequest, request_id: str 
     ]
     return InferResponse(
         response_id=request.id or request_id or uuid.uuid4().hex,
-        model_name=dataplane.model_name,
+        model_name=model or dataplane.model_name,
         infer_outputs=outputs,
         use_binary_outputs=request.use_binary_outputs,
         requested_outputs=request.request_outputs,
@@ -91,7 +94,9 @@ def _prediction(g: Generation) -> dict[str, Any]:
     }
 
 
-async def predict_v1(dataplane: DataPlane, body: Any, request_id: str | None) -> dict[str, Any]:
+async def predict_v1(
+    dataplane: DataPlane, body: Any, request_id: str | None, model: str | None = None
+) -> dict[str, Any]:
     """`instances`: strings, or objects {"prompt": ..., <sampling parameters>}; top-level `parameters`
     apply to every instance (an instance's own values win)."""
     if isinstance(body, (bytes, str)):
@@ -122,7 +127,9 @@ async def predict_v1(dataplane: DataPlane, body: Any, request_id: str | None) ->
         groups[key][1].append((i, prompt))
     results = await asyncio.gather(
         *(
-            dataplane.generate_many([p for _, p in members], params, request_id=f"{request_id}-{k}")
+            dataplane.generate_many(
+                [p for _, p in members], params, request_id=f"{request_id}-{k}", model=model
+            )
             for k, (params, members) in enumerate(groups.values())
         )
     )

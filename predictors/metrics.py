@@ -1,7 +1,9 @@
 """evllm's Prometheus metrics, exported beside vLLM's own ``vllm:*`` engine metrics at ``/metrics``.
 
 Everything is registered in prometheus_client's default REGISTRY, which KServe serves. Labels are bounded:
-``model`` is the served model name (never a name taken from the request path), ``protocol`` one of
+``model`` is the served model's name or, for work through a LoRA adapter, the adapter's (taken from the
+engine request's LoRARequest, so only loaded adapters ever become labels; never a name from a request
+path or body), ``protocol`` one of
 `PROTOCOLS` or an extension's, ``code`` an HTTP status. Per-request time to first token and inter-token latency are observed
 on streamed generations (the only ones whose tokens leave the engine one by one); vLLM's own
 ``vllm:time_to_first_token_seconds`` / ``vllm:inter_token_latency_seconds`` cover every request.
@@ -64,32 +66,58 @@ COMPLETION_TOKENS = Counter(
 # Which protocol the current request speaks; set by the HTTP middleware, read by the engine hook.
 PROTOCOL: contextvars.ContextVar[str] = contextvars.ContextVar("evllm_protocol", default="other")
 
+
+class RequestModel:
+    """The model (base or adapter) an HTTP request's generations used: the middleware creates one per
+    request, the engine hook fills it in (handlers run in tasks that share the object, not the variable)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+REQUEST_MODEL: contextvars.ContextVar[RequestModel | None] = contextvars.ContextVar(
+    "evllm_request_model", default=None
+)
+
 _model = "model"
 _path_protocols: dict[str, str] = {}  # extension paths -> their label
+_protocols: list[str] = list(PROTOCOLS)
 
 
 def init(
-    model: str, admission_limit: int, extra: dict[str, str] | None = None, protocols: tuple[str, ...] = ()
+    model: str,
+    admission_limit: int,
+    extra: dict[str, str] | None = None,
+    protocols: tuple[str, ...] = (),
+    adapters: tuple[str, ...] = (),
 ) -> None:
     """Create every labelled series at zero, so dashboards and alerts see them before the first request.
     ``extra`` maps extension paths to their protocol label; ``protocols`` are further labels extensions
-    count work under (set through `PROTOCOL`)."""
+    count work under (set through `PROTOCOL`); ``adapters`` the LoRA adapters configured at startup."""
     global _model
     _model = model
     _path_protocols.clear()
     _path_protocols.update(extra or {})
+    _protocols[:] = dict.fromkeys((*PROTOCOLS, *_path_protocols.values(), *protocols))
     ADMISSION_LIMIT.labels(model).set(admission_limit)
     ADMITTED.labels(model).set(0)
     DRAINING.labels(model).set(0)
-    for p in dict.fromkeys((*PROTOCOLS, *_path_protocols.values(), *protocols)):
+    for p in _protocols:
         IN_FLIGHT.labels(model, p)
-        REQUEST_DURATION.labels(model, p)
-        PROMPT_TOKENS.labels(model, p)
-        COMPLETION_TOKENS.labels(model, p)
-        TTFT.labels(model, p)
-        ITL.labels(model, p)
+    for name in (model, *adapters):
+        add_model(name)
     for r in REJECT_REASONS:
         REJECTED.labels(model, r)
+
+
+def add_model(name: str) -> None:
+    """The per-model series of a model name (the base model or an adapter loaded), at zero."""
+    for p in _protocols:
+        REQUEST_DURATION.labels(name, p)
+        PROMPT_TOKENS.labels(name, p)
+        COMPLETION_TOKENS.labels(name, p)
+        TTFT.labels(name, p)
+        ITL.labels(name, p)
 
 
 def model() -> str:
@@ -134,6 +162,11 @@ def instrument_generate(
         if check is not None:
             check(prompt, sampling_params)
         proto = PROTOCOL.get()
+        lora = kwargs.get("lora_request")
+        model = lora.lora_name if lora is not None else _model
+        request_model = REQUEST_MODEL.get()
+        if request_model is not None:
+            request_model.name = model
         kind = getattr(sampling_params, "output_kind", None)
         streamed = kind in (RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE)
         start = last = time.monotonic()
@@ -151,17 +184,17 @@ def instrument_generate(
                 if new > 0:
                     now = time.monotonic()
                     if streamed and first:
-                        TTFT.labels(_model, proto).observe(now - start)
+                        TTFT.labels(model, proto).observe(now - start)
                     elif streamed:
                         # Tokens that arrive together share the gap since the previous output.
                         for _ in range(new):
-                            ITL.labels(_model, proto).observe((now - last) / new)
+                            ITL.labels(model, proto).observe((now - last) / new)
                     first = False
                     last = now
                     generated += new
                 yield out
         finally:
-            PROMPT_TOKENS.labels(_model, proto).inc(prompt_tokens or 0)
-            COMPLETION_TOKENS.labels(_model, proto).inc(generated)
+            PROMPT_TOKENS.labels(model, proto).inc(prompt_tokens or 0)
+            COMPLETION_TOKENS.labels(model, proto).inc(generated)
 
     return wrapped

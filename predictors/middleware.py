@@ -181,6 +181,9 @@ class Observe:
         proto_token = metrics.PROTOCOL.set(metrics.protocol_of(scope["method"], scope["path"]))
         protocol = metrics.PROTOCOL.get()
         model = metrics.model()
+        # The model the request's generations used (an adapter's name, filled in by the engine hook).
+        used = metrics.RequestModel(model)
+        model_token = metrics.REQUEST_MODEL.set(used)
         start = time.monotonic()
         status = 500  # what the client sees if the app dies before answering (uvicorn sends a 500)
         sent = 0
@@ -204,8 +207,8 @@ class Observe:
         finally:
             elapsed = time.monotonic() - start
             in_flight.dec()
-            metrics.REQUEST_DURATION.labels(model, protocol).observe(elapsed)
-            metrics.REQUESTS.labels(model, protocol, str(status)).inc()
+            metrics.REQUEST_DURATION.labels(used.name, protocol).observe(elapsed)
+            metrics.REQUESTS.labels(used.name, protocol, str(status)).inc()
             if scope["path"] not in QUIET_PATHS:
                 logs.access_logger.info(
                     "%s %s %d",
@@ -222,6 +225,7 @@ class Observe:
                         "client": (scope.get("client") or ("", 0))[0],
                     },
                 )
+            metrics.REQUEST_MODEL.reset(model_token)
             metrics.PROTOCOL.reset(proto_token)
             logs.CONTEXT.reset(token)
 

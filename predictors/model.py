@@ -1,4 +1,9 @@
-"""The KServe model: registers with kserve's ModelServer and answers V1 predict and V2 infer."""
+"""The KServe model: registers with kserve's ModelServer and answers V1 predict and V2 infer.
+
+KServe routes V1/V2 requests by model name through its `ModelRepository`; `Repository` resolves the names
+of the engine's LoRA adapters there too (a view of the same model per adapter), from the data plane's
+registry, so an adapter loaded or unloaded at runtime is served or refused without registering anything.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import logging
 from typing import Any
 
 import kserve
+from kserve.model_repository import ModelRepository
 from kserve.protocol.infer_type import InferRequest
 
 from .dataplane import DataPlane
@@ -34,9 +40,10 @@ def strict_decode(kserve_dataplane: Any) -> None:
 
 
 class EvllmModel(kserve.Model):  # type: ignore[misc]  # KServe ships no types
-    def __init__(self, name: str, dataplane: DataPlane):
+    def __init__(self, name: str, dataplane: DataPlane, *, adapter: bool = False):
         super().__init__(name)
         self.dataplane = dataplane
+        self.adapter = adapter  # a view of the base model through one of its LoRA adapters
         # kserve starts `start_engine()` beside the HTTP server, so liveness answers during engine start.
         self.engine = True
         # Registered as loaded; readiness comes from the engine (see healthy()).
@@ -49,7 +56,8 @@ class EvllmModel(kserve.Model):  # type: ignore[misc]  # KServe ships no types
         await self.dataplane.start()
 
     def stop_engine(self) -> None:
-        self.dataplane.engine.draining = True
+        if not self.adapter:
+            self.dataplane.engine.draining = True
 
     async def healthy(self) -> bool:
         return self.dataplane.ready
@@ -65,5 +73,34 @@ class EvllmModel(kserve.Model):  # type: ignore[misc]  # KServe ships no types
     ) -> Any:
         request_id = (headers or {}).get("x-request-id")
         if isinstance(payload, InferRequest):
-            return await infer_v2(self.dataplane, payload, request_id)
-        return await predict_v1(self.dataplane, payload, request_id)
+            return await infer_v2(self.dataplane, payload, request_id, self.name)
+        return await predict_v1(self.dataplane, payload, request_id, self.name)
+
+
+class Repository(ModelRepository):  # type: ignore[misc]  # KServe ships no types
+    """KServe's model repository with the base model registered and its adapters resolved by name: an
+    unknown name is evllm's 404 naming the served models (KServe's would name none)."""
+
+    def __init__(self, dataplane: DataPlane):
+        super().__init__()
+        self.dataplane = dataplane
+        self._views: dict[str, EvllmModel] = {}  # bounded: names that were served
+
+    def get_model(self, name: str) -> EvllmModel:
+        model = self.models.get(name)
+        if model is not None:
+            return model  # type: ignore[no-any-return]
+        self.dataplane.check_model(name)
+        if name not in self._views:
+            self._views[name] = EvllmModel(name, self.dataplane, adapter=True)
+        return self._views[name]
+
+    def get_models(self) -> dict[str, Any]:
+        """The base model and its adapters (KServe's V1/V2 model listings)."""
+        models: dict[str, Any] = {name: self.get_model(name) for name in self.dataplane.model_names()}
+        models.update(self.models)
+        return models
+
+    def unload(self, name: str) -> None:
+        if name in self.models:  # adapters are unloaded through their own route
+            super().unload(name)

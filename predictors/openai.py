@@ -47,6 +47,10 @@ class OpenAIServer:
             self.engine.client, self.app.state, self.engine.args, self.engine.supported_tasks
         )
 
+    def serving_models(self) -> Any:
+        """vLLM's registry of served names (base + adapters), once the engine started; else None."""
+        return getattr(self.app.state, "openai_serving_models", None)
+
     async def call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]:
         """Run one non-streaming OpenAI request in-process: (HTTP status, response or error body)."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest

@@ -181,6 +181,17 @@ def parse_args(
         vparser.error(f"unexpected positional argument {vargs.model_tag!r}; use --model_dir")
     vargs.model = model
     vargs.served_model_name = [kargs.model_name]
+    if vargs.enable_lora:
+        _fix_cpu_lora(vargs)
+    if vargs.lora_modules:
+        if not vargs.enable_lora:
+            parser.error("--lora-modules needs --enable-lora")
+        from .adapters import BadAdapter, resolve_static
+
+        try:
+            resolve_static(vargs.lora_modules, settings.server.cache_dir, vargs.max_lora_rank, model)
+        except BadAdapter as exc:
+            parser.error(f"--lora-modules: {exc.message}")
     # Background work (batch) runs below online traffic on the same engine: that needs priorities.
     if not any(a.startswith("--scheduling-policy") for a in rest):
         vargs.scheduling_policy = "priority"
@@ -189,6 +200,24 @@ def parse_args(
     validate_parsed_serve_args(vargs)
     settings.engine, settings.engine_flags = vargs, _flag_names(rest)
     return settings
+
+
+def _fix_cpu_lora(vargs: argparse.Namespace) -> None:
+    """On CPU, load evllm's fix for vLLM's CPU LoRA kernels into the engine (see predictors.cpu_lora)."""
+    from vllm.platforms import current_platform
+
+    from .cpu_lora import QUALNAME
+
+    if not current_platform.is_cpu():
+        return
+    if vargs.worker_extension_cls and vargs.worker_extension_cls != QUALNAME:
+        logger.warning(
+            "--worker-extension-cls %s replaces evllm's CPU LoRA fix: base-model requests batched with "
+            "adapter requests may be generated through an adapter (predictors/cpu_lora.py)",
+            vargs.worker_extension_cls,
+        )
+        return
+    vargs.worker_extension_cls = QUALNAME
 
 
 def health_router(dataplane: DataPlane) -> APIRouter:
@@ -217,7 +246,7 @@ def assemble(
 ) -> Admission:
     """Routes, error handlers and middleware on an app that carries KServe's V1/V2 routes; returns the
     admission controller (which the graceful shutdown drains)."""
-    from . import generate, metrics
+    from . import adapters, generate, metrics
     from .auth import Authenticator
     from .middleware import (
         AbortOnDisconnect,
@@ -237,7 +266,9 @@ def assemble(
         admission.limit,
         {p.path: p.protocol for p in policies.by_path.values()},
         tuple(proto for e in extensions for proto in e.protocols),
+        tuple(dataplane.engine.static_adapters()),
     )
+    dataplane.adapter_hooks.append(metrics.add_model)
     limits = dataplane.limits = settings.limits
     dataplane.engine_hooks.append(
         lambda client: setattr(
@@ -248,6 +279,8 @@ def assemble(
     install_handlers(app)
     app.include_router(health_router(dataplane))
     app.include_router(generate.router(dataplane))
+    # Before the OpenAI mount, which would otherwise take these paths.
+    app.include_router(adapters.router(adapters.Adapters(dataplane, settings.server.cache_dir)))
     app.mount("/openai", dataplane.openai.app)
     for ext in extensions:
         ext.attach(app, dataplane, settings.extensions[ext.title])
@@ -344,7 +377,7 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
     from kserve.model_server import app
 
     from . import logs
-    from .model import EvllmModel, strict_decode
+    from .model import EvllmModel, Repository, strict_decode
     from .shutdown import GracefulShutdown
     from .startup import Timeline
 
@@ -379,6 +412,7 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
     _lean_kserve_app(kargs.event_loop)
     try:
         Server(
+            registered_models=Repository(dataplane),
             http_port=kargs.http_port,
             workers=1,
             enable_grpc=kargs.enable_grpc,

@@ -1,7 +1,8 @@
 """Session fixtures: the demo model, the offline reference, and the real engines of the run.
 
-A run starts three engines, never two at once: vLLM's offline `LLM` (the reference output), the session
-server (`server`: started exactly as `make serve` starts it, with a test broker as its K_SINK) and, after
+A run starts three engines, never two at once: vLLM's offline `LLM` (the reference output, through the base
+model and through the demo LoRA adapter), the session server (`server`: started exactly as `make serve`
+starts it, so it serves the demo adapter as `demo-lora`, with a test broker as its K_SINK) and, after
 the crash test kills that one, the `restarted` server (same storage, plus auth and tight limits), which
 the SIGTERM test stops last. Everything else runs in-process (tests/inprocess.py).
 
@@ -29,10 +30,20 @@ from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent, from_http
 
 from predictors.config import ServerConfig
-from predictors.demo_model import demo_dir, ensure_demo_model
+from predictors.demo_model import demo_dir, ensure_demo_adapter, ensure_demo_model
 from tests.server import ROOT, ServerProcess, clean_env, engine_lock
 
 MODEL_NAME = "demo"
+# `make serve` also serves the demo LoRA adapter under this name, with these engine flags.
+ADAPTER_NAME = "demo-lora"
+MAX_LORA_RANK = 8
+LORA_FLAGS = [
+    "--enable-lora",
+    "--max-lora-rank",
+    str(MAX_LORA_RANK),
+    "--lora-modules",
+    f"{ADAPTER_NAME}=demo",
+]
 # Greedy reference prompts: every served path must reproduce vLLM's offline output token for token.
 REFERENCE_PROMPTS = [
     "Hello world",
@@ -87,8 +98,9 @@ def storage_root() -> Path:
     return ENGINES.storage_root
 
 
-def compute_reference(model_dir: Path) -> list[dict[str, Any]]:
-    """vLLM offline LLM.generate output for REFERENCE_PROMPTS (greedy)."""
+def compute_reference(model_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """vLLM offline LLM.generate output for REFERENCE_PROMPTS (greedy), with the session server's LoRA
+    flags: through the base model, and through the demo adapter."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -96,6 +108,8 @@ def compute_reference(model_dir: Path) -> list[dict[str, Any]]:
             str(model_dir),
             str(REFERENCE_MAX_TOKENS),
             json.dumps(REFERENCE_PROMPTS),
+            str(ensure_demo_adapter(model_dir)),
+            str(MAX_LORA_RANK),
         ],
         cwd=ROOT,
         env=clean_env(),
@@ -103,14 +117,24 @@ def compute_reference(model_dir: Path) -> list[dict[str, Any]]:
         text=True,
         timeout=600,
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("REFERENCE ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("REFERENCE "))
+    found = {}
+    for line in proc.stdout.splitlines():
+        kind, _, payload = line.partition(" ")
+        if kind in ("REFERENCE", "ADAPTER_REFERENCE"):
+            found[kind] = json.loads(payload)
+    assert proc.returncode == 0 and len(found) == 2, proc.stderr[-3000:]
+    return found["REFERENCE"], found["ADAPTER_REFERENCE"]
 
 
 @pytest.fixture(scope="session")
 def offline_reference() -> list[dict[str, Any]]:
     return ENGINES.wait().reference
+
+
+@pytest.fixture(scope="session")
+def adapter_reference() -> list[dict[str, Any]]:
+    """The same prompts through the demo adapter (offline LLM.generate with its LoRARequest)."""
+    return ENGINES.wait().adapter_reference
 
 
 class Broker:
@@ -201,6 +225,7 @@ class Engines:
         self.storage_root = Path(tempfile.mkdtemp(prefix="evllm-storage-"))
         self.broker = Broker()
         self.reference: list[dict[str, Any]] = []
+        self.adapter_reference: list[dict[str, Any]] = []
         self.server: ServerProcess | None = None
         self.error: BaseException | None = None
         self._done = threading.Event()
@@ -217,10 +242,11 @@ class Engines:
         try:
             self._lock = engine_lock()
             self._lock.__enter__()
-            self.reference = compute_reference(ensure_demo_model(demo_dir(self.cache_dir)))
+            model_dir = ensure_demo_model(demo_dir(self.cache_dir))
+            self.reference, self.adapter_reference = compute_reference(model_dir)
             self.server = ServerProcess(
-                # `make serve`'s command line (`evllm serve --model_name demo --model_dir demo`), nothing more.
-                ["--model_name", MODEL_NAME, "--model_dir", "demo"],
+                # `make serve`'s command line (the demo model and the demo adapter), nothing more.
+                ["--model_name", MODEL_NAME, "--model_dir", "demo", *LORA_FLAGS],
                 env=server_env(self.cache_dir, self.storage_root, self.broker),
                 log_name="session-server",
             )

@@ -3,7 +3,8 @@
 Everything but the engine is the production code: KServe's own V1/V2 routes and error handlers, evllm's
 middleware (auth, limits, admission, logs, metrics), the data plane, the generate router and any
 extension (eventing's /events). The fake engine stands in for vLLM's AsyncLLM: one token per character,
-the prompt echoed back upper-cased, so tests can predict every output and limit. Tests that need the
+the prompt echoed back upper-cased (lower-cased through a LoRA adapter), so tests can predict every
+output and limit. With ``lora=True`` the names live in vLLM's real `OpenAIServingModels` over the fake. Tests that need the
 real engine (token-exact output, disconnect aborts, kill/restart, SIGTERM) use the session server.
 """
 
@@ -25,7 +26,7 @@ from predictors.dataplane import DataPlane
 from predictors.engine import Engine
 from predictors.errors import InvalidInput, quiet_not_ready
 from predictors.extension import Extension
-from predictors.model import EvllmModel, strict_decode
+from predictors.model import EvllmModel, Repository, strict_decode
 from predictors.server import Settings, assemble, build_parser, read_settings
 
 MODEL_NAME = "demo"
@@ -55,6 +56,10 @@ class FakeClient:
     errored: bool = False
     requests: list[str] = field(default_factory=list)  # request ids, in submission order
     priorities: list[int] = field(default_factory=list)
+    loras: list[str | None] = field(default_factory=list)  # each request's adapter (None: base)
+    added: list[str] = field(default_factory=list)  # adapter paths add_lora was given
+    renderer: Any = None
+    input_processor: Any = None
     aborted: list[str] = field(default_factory=list)  # consumers that went away before the end
     model_config: Any = field(
         default_factory=lambda: SimpleNamespace(
@@ -62,13 +67,31 @@ class FakeClient:
         )
     )
 
+    async def add_lora(self, lora_request: Any) -> bool:
+        """What vLLM's engine refuses: a directory without adapter_config.json."""
+        import os
+
+        if not os.path.isfile(os.path.join(lora_request.lora_path, "adapter_config.json")):
+            raise ValueError(f"Loading lora {lora_request.lora_name} failed: no adapter_config.json")
+        self.added.append(lora_request.lora_path)
+        return True
+
     async def generate(
-        self, prompt: Any, sampling_params: Any, request_id: str, *, priority: int = 0, **_: Any
+        self,
+        prompt: Any,
+        sampling_params: Any,
+        request_id: str,
+        *,
+        priority: int = 0,
+        lora_request: Any = None,
+        **_: Any,
     ) -> AsyncIterator[FakeOutput]:
         from vllm.sampling_params import RequestOutputKind
 
         ids = list(prompt["prompt_token_ids"])
-        text = "".join(chr(i) for i in ids).upper()
+        text = "".join(chr(i) for i in ids)
+        text = text.lower() if lora_request is not None else text.upper()
+        self.loras.append(None if lora_request is None else lora_request.lora_name)
         n = min(sampling_params.max_tokens or len(text), len(text))
         finish = "length" if n < len(text) else "stop"
         self.requests.append(request_id)
@@ -96,8 +119,12 @@ class FakeClient:
 class FakeEngine(Engine):
     """`Engine` with the AsyncLLM replaced: readiness, draining and the hooks are the real ones."""
 
-    def __init__(self, *, delay: float = 0.0):
-        super().__init__(argparse.Namespace(model="fake"))
+    def __init__(self, *, delay: float = 0.0, lora: bool = False, lora_modules: Sequence[Any] = ()):
+        super().__init__(
+            argparse.Namespace(
+                model="fake", enable_lora=lora, max_lora_rank=8, lora_modules=list(lora_modules) or None
+            )
+        )
         self.fake = FakeClient(delay=delay)
 
     async def start(self) -> None:
@@ -120,9 +147,11 @@ class FakeOpenAI:
     """`OpenAIServer`'s surface: an ASGI sub-app and in-process calls (vLLM's serving classes need an
     engine; their own behaviour is tested against the session server)."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: FakeEngine | None = None) -> None:
         self.calls: list[tuple[str, Any, int]] = []
         self.app = FastAPI(openapi_url=None)
+        self.engine = engine
+        self.models: Any = None  # vLLM's OpenAIServingModels over the fake client, once started
 
         @self.app.post("/v1/completions")
         async def completions(request: Request) -> JSONResponse:
@@ -135,12 +164,33 @@ class FakeOpenAI:
             return JSONResponse(body, status_code=status)
 
     async def start(self) -> None:
-        return None
+        """vLLM's own registry of names (base + adapters), as `OpenAIServer.start` builds it."""
+        if self.engine is None:
+            return
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+        self.models = OpenAIServingModels(
+            self.engine.client,
+            [BaseModelPath(name=MODEL_NAME, model_path="fake")],
+            lora_modules=self.engine.args.lora_modules,
+        )
+        await self.models.init_static_loras()
+
+    def serving_models(self) -> Any:
+        return self.models
 
     async def call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]:
         self.calls.append((url, body, priority))
         if not isinstance(body, dict) or body.get("prompt") == "bad":
             return 400, {"error": {"message": "bad prompt", "type": "BadRequestError", "code": 400}}
+        if self.models is not None and body.get("model") not in (
+            None,
+            *self.models.lora_requests,
+            MODEL_NAME,
+        ):
+            message = f"The model `{body.get('model')}` does not exist."
+            return 404, {"error": {"message": message, "type": "NotFoundError", "code": 404}}
         if url == "/v1/chat/completions":
             text = str(body["messages"][-1]["content"]).upper()
             return 200, {
@@ -159,13 +209,13 @@ def settings(argv: Sequence[str] = (), extensions: Sequence[Extension] = ()) -> 
 
 
 def kserve_routes(app: FastAPI, model: EvllmModel) -> None:
-    """KServe's own V1/V2 routes and exception handlers, registered the way its RESTServer does."""
-    from kserve.model_repository import ModelRepository
+    """KServe's own V1/V2 routes and exception handlers, registered the way its RESTServer does, on the
+    repository predictors.server gives KServe."""
     from kserve.protocol.dataplane import DataPlane as KServeDataPlane
     from kserve.protocol.model_repository_extension import ModelRepositoryExtension
     from kserve.protocol.rest.server import RESTServer
 
-    repository = ModelRepository()
+    repository = Repository(model.dataplane)
     repository.update(model)
     kserve_dataplane = KServeDataPlane(model_registry=repository)
     strict_decode(kserve_dataplane)  # as predictors.server's ModelServer does
@@ -194,12 +244,19 @@ class InProcess:
 
 @contextlib.asynccontextmanager
 async def server(
-    argv: Sequence[str] = (), *, extensions: Sequence[Extension] = (), delay: float = 0.0, start: bool = True
+    argv: Sequence[str] = (),
+    *,
+    extensions: Sequence[Extension] = (),
+    delay: float = 0.0,
+    start: bool = True,
+    lora: bool = False,
+    lora_modules: Sequence[Any] = (),
 ) -> AsyncIterator[InProcess]:
-    """The assembled app over a fake engine; ``start=False`` leaves the engine "starting" (503s)."""
+    """The assembled app over a fake engine; ``start=False`` leaves the engine "starting" (503s).
+    ``lora``: `--enable-lora` (names in vLLM's registry); ``lora_modules``: `--lora-modules`' paths."""
     s = settings(argv, extensions)
-    engine = FakeEngine(delay=delay)
-    openai = FakeOpenAI()
+    engine = FakeEngine(delay=delay, lora=lora, lora_modules=lora_modules)
+    openai = FakeOpenAI(engine if lora else None)
     dataplane = DataPlane(engine, MODEL_NAME, openai=openai)  # type: ignore[arg-type]
     app = FastAPI()
     model = EvllmModel(MODEL_NAME, dataplane)

@@ -64,6 +64,12 @@ def results() -> dict[str, Any]:
         "batch": batch,
         "priority": priority,
         "startup": startup_rows(),
+        # LoRA at c=16: evllm 3% above vllm serve in both repeats (the second twice as fast).
+        "lora": [
+            {**online(rep, server, "openai-lora", 16, tok * scale, 0.1 / scale)}
+            for rep, scale in ((0, 1.0), (1, 2.0))
+            for server, tok in (("vllm", 800.0), ("evllm", 824.0))
+        ],
     }
 
 
@@ -96,6 +102,7 @@ def test_summary_ratios_are_per_repeat_and_targets_judge_them() -> None:
     assert math.isclose(targets["prepared evllm start / vllm serve fresh"]["value"], 22 / 36)
     assert math.isclose(targets["prepared evllm start / vllm serve warm"]["value"], 22 / 26)
     assert s["startup"]["rows"][3]["phases"]["compile"] == 3.0  # median of 2 s and 4 s
+    assert math.isclose(targets["LoRA throughput ratio (base + adapter), c=16"]["value"], 1.03)
     met = {name: t["met"] for name, t in targets.items()}
     assert met == {
         "OpenAI throughput ratio, c=16": True,
@@ -107,6 +114,7 @@ def test_summary_ratios_are_per_repeat_and_targets_judge_them() -> None:
         "cold start evllm / vllm serve": True,
         "prepared evllm start / vllm serve fresh": False,  # 0.61 > 0.6
         "prepared evllm start / vllm serve warm": True,
+        "LoRA throughput ratio (base + adapter), c=16": True,
     }
     # End to end incl. the engine start: evllm 117 s vs run_batch 120 s for the big job.
     assert math.isclose(s["batch"]["e2e_ratio_with_start"], 120 / 117)
@@ -118,10 +126,11 @@ def test_markdown_has_every_section(tmp_path: Path) -> None:
     assert md.startswith("# evllm vs `vllm serve` / `vllm run-batch`")
     assert "2 repeat(s), sessions alternated vllm serve / evllm (A B A B)" in md
     for section in ("## Targets", "## Online (closed loop)", "## Batch (1100 and 100", "## Priority (",
-                    "## Cold start"):  # fmt: skip
+                    "## Cold start", "## LoRA ("):  # fmt: skip
         assert section in md
     assert "| 16 | evllm V2 generate | 56.2 | 1800 |" in md  # medians of the two repeats
     assert "| evllm+start | 12.0 | 117.0 |" in md
     assert "| evllm | prepared | 33.0 | 4.5 | 1.5 | 15.0 | 1.5 | 3.0 | 6.0 | 1.5 |" in md
     assert "`evllm prepare`: 40.0 s" in md
+    assert "| evllm | 1236 |" in md and "throughput (median of per-repeat ratios): **1.03**" in md
     assert "not measured" not in md

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 
-def completion_line(custom_id: str, prompt: str, max_tokens: int = 4, **extra: Any) -> dict[str, Any]:
-    body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+def completion_line(
+    custom_id: str, prompt: str, max_tokens: int = 4, model: str = "demo", **extra: Any
+) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
 
 

@@ -44,7 +44,8 @@ class FakeDataPlane:
 
     model_name = "demo"
 
-    def __init__(self, *, delay: float = 0.0):
+    def __init__(self, *, delay: float = 0.0, adapters: tuple[str, ...] = ()):
+        self.adapters = adapters  # LoRA adapter names: their output is lower-cased
         self._online = 0
         self.online_changed = asyncio.Event()
         self.delay = delay
@@ -68,13 +69,23 @@ class FakeDataPlane:
             self._online -= 1
             self.online_changed.set()
 
+    def model_names(self) -> list[str]:
+        return [self.model_name, *self.adapters]
+
     async def generate(
-        self, prompt: str, params: Any, *, request_id: str | None = None, priority: int = 0
+        self,
+        prompt: str,
+        params: Any,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        model: str | None = None,
     ) -> FakeGeneration:
         if not self.ready:
             raise NotReady("Engine is starting, retry later.")
         self.generated.append(prompt)
-        return FakeGeneration(prompt.upper(), [1, 2, 3], "length", len(prompt))
+        text = prompt.lower() if model in self.adapters else prompt.upper()
+        return FakeGeneration(text, [1, 2, 3], "length", len(prompt))
 
     async def openai_call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]:
         if not self.ready:

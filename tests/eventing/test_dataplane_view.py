@@ -18,7 +18,7 @@ from tests import inprocess
 
 from .fakes import FakeDataPlane
 
-METHODS = ("online", "generate", "openai_call")
+METHODS = ("online", "model_names", "generate", "openai_call")
 PROPERTIES = ("online_load", "ready")
 
 

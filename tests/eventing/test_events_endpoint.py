@@ -148,3 +148,26 @@ def test_inference_counts_as_online_load(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert seen == [1]
+
+
+def test_the_model_extension_addresses_an_adapter(tmp_path: Path) -> None:
+    """A LoRA adapter's name in the `model` extension runs through that adapter (the fake lower-cases),
+    and the reply carries it; an unknown name is a 400 naming every served model."""
+
+    async def main() -> None:
+        dp = FakeDataPlane(adapters=("ad1",))
+        async with events_client(dp, tmp_path) as client:
+            headers, body = to_binary(request_event({"text_input": "Hi"}, model="ad1"))
+            resp = await client.post("/events", headers=headers, content=body)
+            assert resp.status_code == 200, resp.text
+            reply = from_http(dict(resp.headers), resp.content)
+            assert reply["model"] == "ad1" and reply.data["model_name"] == "ad1"
+            assert reply.data["text_output"] == "hi"
+            headers, body = to_binary(request_event({"text_input": "Hi"}, model="ad9", id="req-2"))
+            resp = await client.post("/events", headers=headers, content=body)
+            assert resp.status_code == 400
+            assert (
+                resp.json()["error"] == "model 'ad9' is not served here (this predictor serves 'demo', 'ad1')"
+            )
+
+    asyncio.run(main())

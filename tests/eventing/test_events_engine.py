@@ -18,7 +18,7 @@ from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent, from_http
 
 from eventing.cli import job_status
-from tests.conftest import MODEL_NAME, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS
+from tests.conftest import ADAPTER_NAME, MODEL_NAME, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS
 
 from .batchdata import check_outputs, completion_line, mixed_lines, read_jsonl
 
@@ -208,3 +208,48 @@ def test_cli_batch_submit_and_status(server, storage_root: Path) -> None:
     status = json.loads(res.stdout)
     assert status["state"] == "completed" and status["chunks_done"] == status["chunks_total"] == 3
     assert status["request_counts"] == {"total": len(good) + bad, "completed": len(good), "failed": bad}
+
+
+def test_an_adapter_name_in_the_model_extension(server, adapter_reference: list[dict]) -> None:
+    """`make serve` serves the demo adapter as `demo-lora`: an event naming it runs through it (vLLM's
+    offline output with the same LoRARequest), and the reply carries its name, so Triggers can route it."""
+    data = {
+        "text_input": REFERENCE_PROMPTS[0],
+        "parameters": {"max_tokens": REFERENCE_MAX_TOKENS, "temperature": 0},
+    }
+    resp = post(server.url, inference(data, model=ADAPTER_NAME))
+    assert resp.status_code == 200, resp.text
+    reply = from_http(dict(resp.headers), resp.content)
+    assert reply["model"] == ADAPTER_NAME and reply.data["model_name"] == ADAPTER_NAME
+    assert reply.data["text_output"] == adapter_reference[0]["text"]
+    resp = post(server.url, inference(data, model="nope"))
+    assert resp.status_code == 400 and f"'{MODEL_NAME}', '{ADAPTER_NAME}'" in resp.json()["error"]
+
+
+def test_a_batch_job_mixes_base_and_adapter_lines(
+    server, storage_root: Path, offline_reference: list[dict], adapter_reference: list[dict]
+) -> None:
+    """One job, lines for the base model and for the adapter (`body.model`), and one for a name not
+    served (an error line naming it): each line's output is its model's offline output."""
+    lines = [
+        completion_line(f"{model}-{i}", p, max_tokens=REFERENCE_MAX_TOKENS, model=model)
+        for i, p in enumerate(REFERENCE_PROMPTS)
+        for model in (MODEL_NAME, ADAPTER_NAME)
+    ]
+    lines.append(completion_line("unknown", "x", model="nope"))
+    inp = storage_root / "lora-in.jsonl"
+    inp.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    out = storage_root / "lora-out"
+    data = {"job_id": "lora-mix", "input": f"file://{inp}", "output": str(out), "chunk_size": 3}
+    event = CloudEvent({"type": "dev.evllm.batch.submitted", "source": "/tests", "id": "sub-lora"}, data)
+    assert post(server.url, event).status_code == 200
+    wait_completed(out, "lora-mix")
+    job = out / "lora-mix"
+    outputs = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(job / "output.jsonl")}
+    for i in range(len(REFERENCE_PROMPTS)):
+        assert outputs[f"{MODEL_NAME}-{i}"]["choices"][0]["text"] == offline_reference[i]["text"]
+        assert outputs[f"{ADAPTER_NAME}-{i}"]["choices"][0]["text"] == adapter_reference[i]["text"]
+        assert outputs[f"{ADAPTER_NAME}-{i}"]["model"] == ADAPTER_NAME
+    (error,) = read_jsonl(job / "errors.jsonl")
+    assert error["custom_id"] == "unknown" and error["response"]["status_code"] == 404
+    assert "nope" in error["error"]["message"]

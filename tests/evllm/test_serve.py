@@ -9,7 +9,7 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import MODEL_NAME
+from tests.conftest import LORA_FLAGS, MODEL_NAME
 from tests.server import ROOT, ServerProcess
 
 
@@ -25,7 +25,7 @@ def make_serve_args() -> list[str]:
 
 @pytest.mark.slow
 def test_the_session_server_runs_make_serves_command(server: ServerProcess) -> None:
-    assert make_serve_args() == ["--model_name", "demo", "--model_dir", "demo"]
+    assert make_serve_args() == ["--model_name", "demo", "--model_dir", "demo", *LORA_FLAGS]
     assert server.args == make_serve_args()
     assert not [k for k in server.env if k.startswith("VLLM_")]
 

@@ -22,6 +22,7 @@ TARGETS = {
     "spot-batch": KUSTOMIZE_ROOT / "overlays" / "spot-batch",
     "gpu-1x-awq": KUSTOMIZE_ROOT / "overlays" / "gpu-1x-awq",
     "gpu-1x-stream": KUSTOMIZE_ROOT / "overlays" / "gpu-1x-stream",
+    "lora": KUSTOMIZE_ROOT / "overlays" / "lora",
 }
 CRD_DIR = manifests.CRD_DIR  # the vendored CRDs (inferenceservices/crds/SOURCES.md names their commits)
 

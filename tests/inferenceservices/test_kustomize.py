@@ -35,6 +35,8 @@ def test_builds_and_validates(built: dict[str, list[dict[str, Any]]], target: st
         expected = ["ClusterServingRuntime", "InferenceService", "Job", "PersistentVolumeClaim"]
     if target == "spot-batch":
         expected = ["ClusterServingRuntime", "InferenceService", "InferenceService", "Trigger", "Trigger"]
+    if target == "lora":
+        expected = ["ClusterServingRuntime", "InferenceService", "Job", "PersistentVolumeClaim", "Trigger"]
     assert kinds == expected
     for obj in objs:
         assert manifests.validate(obj, CRD_DIR) == [], obj["kind"]
@@ -126,6 +128,29 @@ def test_model_cache_reads_from_the_pvc(built: dict[str, list[dict[str, Any]]]) 
     uri = predictor(objs)["model"]["storageUri"]
     assert uri.startswith(f"pvc://{pvc['metadata']['name']}/")
     assert predictor(objs)["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"  # built on gpu-1x
+
+
+def test_lora_serves_adapters_from_the_volume_and_a_uri_and_routes_one(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    objs = built["lora"]
+    model = predictor(objs)["model"]
+    assert model["storageUri"] == predictor(built["model-cache"])["model"]["storageUri"]
+    assert (
+        model["args"][: len(predictor(built["gpu-1x"])["model"]["args"])]
+        == predictor(built["gpu-1x"])["model"]["args"]
+    )  # gpu-1x's engine flags kept, LoRA's after them
+    assert "--enable-lora" in model["args"] and flags(model["args"])["max-lora-rank"] == "16"
+    modules = dict(
+        a.removeprefix("--lora-modules=").split("=", 1) for a in model["args"] if "lora-modules" in a
+    )
+    assert modules["sql"].startswith("/mnt/models/")  # the model's volume
+    assert modules["support"].startswith("s3://")  # downloaded to EVLLM_CACHE_DIR
+    assert {e["name"]: e.get("value") for e in model["env"]}["EVLLM_CACHE_DIR"].startswith("/tmp/")
+    trigger = one(objs, "Trigger")
+    assert trigger["spec"]["filter"]["attributes"] == {"type": "dev.evllm.inference.request", "model": "sql"}
+    assert trigger["spec"]["subscriber"]["ref"]["name"] == one(objs, "InferenceService")["metadata"]["name"]
+    assert trigger["spec"]["subscriber"]["uri"] == "/events"
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

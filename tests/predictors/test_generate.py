@@ -97,7 +97,9 @@ def test_generate_unknown_model_is_404_and_versions_are_ignored():
         async with inprocess.server() as s, s.client() as c:
             for path in ("generate", "generate_stream"):
                 r = await c.post(f"/v2/models/nope/{path}", json={"text_input": "a"})
-                assert r.status_code == 404 and r.json() == {"error": "Model with name nope does not exist."}
+                assert r.status_code == 404 and r.json() == {
+                    "error": "Model with name nope does not exist. Served models: demo."
+                }
             r = await c.post(
                 f"/v2/models/{MODEL_NAME}/versions/1/generate",
                 json={"text_input": "Hello", "parameters": {"max_tokens": 2}},

@@ -5,7 +5,7 @@ are tested in test_auth, test_limits and test_admission)."""
 import openai
 import pytest
 
-from tests.conftest import MODEL_NAME, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS
+from tests.conftest import ADAPTER_NAME, MODEL_NAME, REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def client(server):
 
 
 def test_models(client):
-    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME, ADAPTER_NAME]
 
 
 def test_completions_token_identical_to_offline(client, offline_reference):
