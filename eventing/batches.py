@@ -21,6 +21,7 @@ from .batchstore import BatchStore
 from .cancel import read_marker
 from .chunk import COMPLETED, Progress, job_counts, read_result
 from .storage import Location, Storage
+from .storage import size as storage_size
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 COMPLETION_WINDOW = "24h"
@@ -150,7 +151,7 @@ def _result_file(store: BatchStore, batch_id: str, kind: str, loc: Location) -> 
     """The file object of a finished job's output or error file (registered once, id from the batch)."""
     file_id = _file_id(batch_id, kind)
     if store.file(file_id) is None:
-        size = int(loc.fs.size(loc.path))
+        size = storage_size(loc)
         name = f"{batch_id}_{'output' if kind == 'output' else 'error'}.jsonl"
         store.add_file(name, "batch_output", location=loc, size=size, file_id=file_id)
     return file_id

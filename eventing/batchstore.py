@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import Any
 
-from .storage import Location, exists, listdir, read_bytes, write_atomic
+from .storage import Location, exists, listdir, read_bytes, remove, write_atomic
 
 FILE_ID = re.compile(r"^file-[A-Za-z0-9_-]{1,64}$")
 BATCH_ID = re.compile(r"^batch_[A-Za-z0-9_-]{1,64}$")
@@ -119,11 +119,10 @@ class BatchStore:
             self.files.child(f"{file_id}.json"),
             self.file_index.child(_index_key(obj["created_us"], file_id)),
         ):
-            if exists(loc):
-                loc.fs.rm(loc.path)
+            remove(loc)
         data = self.files.child(f"{file_id}.data")
-        if obj["location"] == data.uri and exists(data):
-            data.fs.rm(data.path)
+        if obj["location"] == data.uri:
+            remove(data)
 
     # Batches ---------------------------------------------------------------------------------------
     def put_batch(self, record: dict[str, Any]) -> None:
@@ -152,15 +151,14 @@ class BatchStore:
             self.batches.child(f"{record['id']}.json"),
             self.active.child(record["id"]),
         ):
-            if exists(loc):
-                loc.fs.rm(loc.path)
+            remove(loc)
 
     def set_active(self, batch_id: str, active: bool) -> None:
         marker = self.active.child(batch_id)
         if active:
             write_atomic(marker, b"")
-        elif exists(marker):
-            marker.fs.rm(marker.path)
+        else:
+            remove(marker)
 
     def active_ids(self) -> list[str]:
         return [n for n in listdir(self.active) if BATCH_ID.match(n)]

@@ -248,3 +248,18 @@ def listdir(loc: Location) -> list[str]:
         return sorted(os.path.basename(str(e).rstrip("/")) for e in entries)
 
     return loc.retry.call("list", loc.uri, ls)
+
+
+def size(loc: Location) -> int:
+    """The size of the object at ``loc`` in bytes."""
+    return loc.retry.call("look up", loc.uri, lambda: int(loc.fs.size(loc.path)))
+
+
+def remove(loc: Location) -> None:
+    """Delete the object at ``loc``; already gone is fine (a retried delete whose answer was lost)."""
+
+    def rm() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            loc.fs.rm(loc.path)
+
+    loc.retry.call("delete", loc.uri, rm)
