@@ -27,6 +27,7 @@ from .engine import Engine, explain_start_failure
 from .errors import EngineStartFailed, install_handlers, quiet_not_ready
 from .extension import Extension, Policies
 from .limits import Limits
+from .oip import without_nulls
 
 logger = logging.getLogger("evllm.server")
 
@@ -209,7 +210,7 @@ def assemble(
 ) -> Admission:
     """Routes, error handlers and middleware on an app that carries KServe's V1/V2 routes; returns the
     admission controller (which the graceful shutdown drains)."""
-    from . import generate, metrics
+    from . import generate, infer, metrics
     from .auth import Authenticator
     from .middleware import (
         AbortOnDisconnect,
@@ -239,6 +240,7 @@ def assemble(
 
     install_handlers(app)
     app.include_router(health_router(dataplane))
+    app.include_router(infer.router(dataplane))
     app.include_router(generate.router(dataplane))
     app.mount("/openai", dataplane.openai.app)
     for ext in extensions:
@@ -281,7 +283,7 @@ def install_openapi(app: FastAPI, openai_app: FastAPI) -> None:
 
 
 def _lean_kserve_app(event_loop: str) -> None:
-    """KServe's app, adjusted: its ModelNotReady handler logs an ERROR with a traceback on every readiness
+    """KServe's app, adjusted: its V2 routes answer without nulls (oip.without_nulls), its ModelNotReady handler logs an ERROR with a traceback on every readiness
     poll during a start (quiet_not_ready), and two per-request costs KServe adds that `vllm serve` does
     not have (profiled under load, where the API server shares the CPUs with the engine):
 
@@ -308,6 +310,13 @@ def _lean_kserve_app(event_loop: str) -> None:
         quiet_not_ready(app)
 
     RESTServer._add_exception_handlers = with_quiet_not_ready
+    register_endpoints = RESTServer._register_endpoints
+
+    def spec_shaped(self: Any, app: FastAPI) -> None:
+        register_endpoints(self, app)
+        without_nulls(app)
+
+    RESTServer._register_endpoints = spec_shaped
     if event_loop in ("auto", "uvloop"):
         try:
             import uvloop
@@ -327,7 +336,7 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
     from kserve.model_server import app
 
     from . import logs
-    from .model import EvllmModel, strict_decode
+    from .model import EvllmModel, oip_metadata, strict_decode
     from .shutdown import GracefulShutdown
 
     settings = parse_args(argv, extensions)
@@ -347,6 +356,7 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             strict_decode(self.dataplane)
+            oip_metadata(self.dataplane)
 
         def register_signal_handler(self) -> None:
             super().register_signal_handler()

@@ -25,7 +25,8 @@ from predictors.dataplane import DataPlane
 from predictors.engine import Engine
 from predictors.errors import InvalidInput, quiet_not_ready
 from predictors.extension import Extension
-from predictors.model import EvllmModel, strict_decode
+from predictors.model import EvllmModel, oip_metadata, strict_decode
+from predictors.oip import without_nulls
 from predictors.server import Settings, assemble, build_parser, read_settings
 
 MODEL_NAME = "demo"
@@ -38,6 +39,13 @@ class FakeCompletion:
     token_ids: list[int]
     finish_reason: str | None
     stop_reason: Any = None
+    logprobs: list[dict[int, Any]] | None = None
+    cumulative_logprob: float | None = None
+
+
+def fake_logprob(i: int) -> float:
+    """The fake engine's logprob for the i-th generated token (exact in binary floating point)."""
+    return -(i + 1) / 8
 
 
 @dataclass
@@ -74,6 +82,16 @@ class FakeClient:
         self.requests.append(request_id)
         self.priorities.append(priority)
         delta = sampling_params.output_kind == RequestOutputKind.DELTA
+        want = sampling_params.logprobs is not None
+
+        def logprobs(start: int, stop: int) -> Any:
+            from vllm.logprobs import Logprob
+
+            if not want:
+                return None, None
+            lps = [{ord(text[i]): Logprob(fake_logprob(i), 1, text[i])} for i in range(start, stop)]
+            return lps, sum(fake_logprob(i) for i in range(stop))
+
         done = False
         try:
             for i in range(n):
@@ -81,12 +99,13 @@ class FakeClient:
                     await asyncio.sleep(self.delay)
                 last = i == n - 1
                 if delta:
-                    yield FakeOutput([FakeCompletion(text[i], [ord(text[i])], finish if last else None)],
-                                     ids, last)  # fmt: skip
+                    c = FakeCompletion(text[i], [ord(text[i])], finish if last else None)
+                    c.logprobs, c.cumulative_logprob = logprobs(i, i + 1)
+                    yield FakeOutput([c], ids, last)
                 elif last:
-                    yield FakeOutput(
-                        [FakeCompletion(text[:n], [ord(c) for c in text[:n]], finish)], ids, True
-                    )
+                    c = FakeCompletion(text[:n], [ord(c) for c in text[:n]], finish)
+                    c.logprobs, c.cumulative_logprob = logprobs(0, n)
+                    yield FakeOutput([c], ids, True)
             done = True
         finally:
             if not done:
@@ -169,11 +188,13 @@ def kserve_routes(app: FastAPI, model: EvllmModel) -> None:
     repository.update(model)
     kserve_dataplane = KServeDataPlane(model_registry=repository)
     strict_decode(kserve_dataplane)  # as predictors.server's ModelServer does
+    oip_metadata(kserve_dataplane)
     kserve = SimpleNamespace(
         dataplane=kserve_dataplane,
         model_repository_extension=ModelRepositoryExtension(model_registry=repository),
     )
     RESTServer._register_endpoints(kserve, app)
+    without_nulls(app)  # as predictors.server does after KServe's routes
     RESTServer._add_exception_handlers(kserve, app)
     quiet_not_ready(app)  # as predictors.server does after KServe's handlers
 

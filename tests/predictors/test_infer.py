@@ -134,7 +134,7 @@ def _text(
         ({"inputs": [_text(["a"], shape=[1, 2])]}, "shape [N] or [N, 1]"),
         ({"inputs": [_text([], shape=[0])]}, "N >= 1"),
         ({"inputs": [_text(["a"], name="prompt")]}, "named 'text_input'"),
-        ({"inputs": [_text(["a"]), _text(["b"])]}, "exactly one input"),
+        ({"inputs": [_text(["a"]), _text(["b"])]}, "appears twice"),
         ({"inputs": [_text([""])]}, "prompt 0 is empty"),
         ({"inputs": [_text([5])]}, "text_input[0] must be a string"),
         ({"inputs": [_text(["a"])], "parameters": {"temperature": "hot"}}, "parameters.temperature"),
