@@ -145,7 +145,11 @@ def infer_outputs(
     return outputs
 
 
-async def infer_v2(dataplane: DataPlane, request: InferRequest, request_id: str | None) -> InferResponse:
+async def infer_v2(
+    dataplane: DataPlane, request: InferRequest, request_id: str | None, *, raw_outputs: bool = False
+) -> InferResponse:
+    """`raw_outputs`: tensors as bytes whatever the request says (gRPC's raw_output_contents, which
+    Triton's clients expect)."""
     r = v2_request(request)
     if r.options.stream:
         raise InvalidInput(
@@ -157,7 +161,7 @@ async def infer_v2(dataplane: DataPlane, request: InferRequest, request_id: str 
         model_name=dataplane.model_name,
         model_version=MODEL_VERSION,
         infer_outputs=infer_outputs(r, gens),
-        use_binary_outputs=request.use_binary_outputs,
+        use_binary_outputs=raw_outputs or request.use_binary_outputs,
         requested_outputs=request.request_outputs,
     )
 

@@ -76,7 +76,8 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
         "`vllm serve` engine flag (kebab-case, e.g. --max-model-len 4096, --tensor-parallel-size 4) is "
         "passed through to the engine.",
     )
-    # gRPC is not part of this server's contract; KServe enables it by default on 8081.
+    # gRPC (OIP V2 + Triton's ModelStreamInfer, predictors/oip_grpc.py) only when asked for: KServe
+    # enables it by default on 8081, and Knative routes one port per container (see README).
     parser.set_defaults(enable_grpc=False)
     settings_lib.add_arguments(parser, ServerConfig, "server", "Model, logging, admission and shutdown")
     settings_lib.add_arguments(
@@ -365,6 +366,15 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
                 graceful.install(self._rest_server._server)
 
     _lean_kserve_app(kargs.event_loop)
+    if kargs.enable_grpc:
+        import kserve.model_server
+
+        from .auth import Authenticator
+        from .oip_grpc import kserve_grpc_server
+
+        kserve.model_server.GRPCServer = kserve_grpc_server(
+            dataplane, admission, Authenticator(settings.auth)
+        )
     try:
         Server(
             http_port=kargs.http_port,

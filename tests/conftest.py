@@ -30,7 +30,7 @@ from cloudevents.http import CloudEvent, from_http
 
 from predictors.config import ServerConfig
 from predictors.demo_model import demo_dir, ensure_demo_model
-from tests.server import ROOT, ServerProcess, clean_env, engine_lock
+from tests.server import ROOT, ServerProcess, clean_env, engine_lock, free_port
 
 MODEL_NAME = "demo"
 # Greedy reference prompts: every served path must reproduce vLLM's offline output token for token.
@@ -202,6 +202,7 @@ class Engines:
         self.broker = Broker()
         self.reference: list[dict[str, Any]] = []
         self.server: ServerProcess | None = None
+        self.grpc_port = 0
         self.error: BaseException | None = None
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -218,9 +219,19 @@ class Engines:
             self._lock = engine_lock()
             self._lock.__enter__()
             self.reference = compute_reference(ensure_demo_model(demo_dir(self.cache_dir)))
+            self.grpc_port = free_port()
             self.server = ServerProcess(
-                # `make serve`'s command line (`evllm serve --model_name demo --model_dir demo`), nothing more.
-                ["--model_name", MODEL_NAME, "--model_dir", "demo"],
+                # `make serve`'s command line (`evllm serve --model_name demo --model_dir demo`), plus gRPC.
+                [
+                    "--model_name",
+                    MODEL_NAME,
+                    "--model_dir",
+                    "demo",
+                    "--enable_grpc",
+                    "true",
+                    "--grpc_port",
+                    str(self.grpc_port),
+                ],
                 env=server_env(self.cache_dir, self.storage_root, self.broker),
                 log_name="session-server",
             )
@@ -259,6 +270,12 @@ def server() -> ServerProcess:
     engines = ENGINES.wait()
     assert engines.server is not None
     return engines.server
+
+
+@pytest.fixture(scope="session")
+def grpc_url(server: ServerProcess) -> str:
+    """The session server's gRPC endpoint (OIP V2 + ModelStreamInfer)."""
+    return f"127.0.0.1:{ENGINES.grpc_port}"
 
 
 # The restarted server's settings (tests assert against these numbers).

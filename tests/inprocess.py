@@ -177,7 +177,7 @@ def settings(argv: Sequence[str] = (), extensions: Sequence[Extension] = ()) -> 
     return read_settings(parser, parser.parse_args(["--model_name", MODEL_NAME, *argv]), extensions)
 
 
-def kserve_routes(app: FastAPI, model: EvllmModel) -> None:
+def kserve_routes(app: FastAPI, model: EvllmModel) -> SimpleNamespace:
     """KServe's own V1/V2 routes and exception handlers, registered the way its RESTServer does."""
     from kserve.model_repository import ModelRepository
     from kserve.protocol.dataplane import DataPlane as KServeDataPlane
@@ -197,6 +197,7 @@ def kserve_routes(app: FastAPI, model: EvllmModel) -> None:
     without_nulls(app)  # as predictors.server does after KServe's routes
     RESTServer._add_exception_handlers(kserve, app)
     quiet_not_ready(app)  # as predictors.server does after KServe's handlers
+    return kserve
 
 
 @dataclass
@@ -207,6 +208,7 @@ class InProcess:
     openai: FakeOpenAI
     admission: Any
     settings: Settings
+    kserve: SimpleNamespace  # KServe's data plane and repository extension (what its gRPC servicer takes)
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         transport = httpx.ASGITransport(app=self.app)
@@ -225,8 +227,8 @@ async def server(
     app = FastAPI()
     model = EvllmModel(MODEL_NAME, dataplane)
     admission = assemble(app, dataplane, s, extensions)
-    kserve_routes(app, model)
+    kserve = kserve_routes(app, model)
     if start:
         await dataplane.start()
     async with app.router.lifespan_context(app):
-        yield InProcess(app, dataplane, engine, openai, admission, s)
+        yield InProcess(app, dataplane, engine, openai, admission, s, kserve)

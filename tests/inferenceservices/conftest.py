@@ -19,6 +19,7 @@ TARGETS = {
     "gpu-4x": KUSTOMIZE_ROOT / "overlays" / "gpu-4x",
     "cpu-dev": KUSTOMIZE_ROOT / "overlays" / "cpu-dev",
     "model-cache": KUSTOMIZE_ROOT / "overlays" / "model-cache",
+    "grpc": KUSTOMIZE_ROOT / "overlays" / "grpc",
 }
 CRD_DIR = manifests.CRD_DIR  # the vendored CRDs (inferenceservices/crds/SOURCES.md names their commits)
 

@@ -127,6 +127,7 @@ for argv in json.load(sys.stdin):
         continue
     v = s.engine
     out.append({"model_name": s.kserve.model_name, "http_port": s.kserve.http_port, "model": v.model,
+                "grpc": [s.kserve.enable_grpc, s.kserve.grpc_port],
                 "tp": v.tensor_parallel_size, "max_model_len": v.max_model_len, "dtype": v.dtype})
 print("RESULT" + json.dumps(out))
 """
@@ -136,7 +137,12 @@ def _container_argv(objs: list[dict[str, Any]], models: Path) -> list[str]:
     """What KServe runs: runtime args with {{.Name}} rendered, then the InferenceService's model args;
     /mnt/models (filled by the storage initializer in a pod) is a directory with a file here."""
     isvc = one(objs, "InferenceService")
-    runtime = one(objs, "ClusterServingRuntime")["spec"]["containers"][0]
+    wanted = isvc["spec"]["predictor"]["model"]["runtime"]
+    (runtime,) = [
+        o["spec"]["containers"][0]
+        for o in objs
+        if o["kind"] == "ClusterServingRuntime" and o["metadata"]["name"] == wanted
+    ]
     name = isvc["metadata"]["name"]
     argv = [a.replace("{{.Name}}", name) for a in runtime["args"]] + isvc["spec"]["predictor"]["model"][
         "args"
@@ -150,7 +156,7 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
     models = tmp_path / "mnt-models"
     models.mkdir()
     (models / "config.json").write_text("{}")
-    targets = ["gpu-1x", "gpu-4x", "cpu-dev", "model-cache"]
+    targets = ["gpu-1x", "gpu-4x", "cpu-dev", "model-cache", "grpc"]
     argvs = [_container_argv(built[t], models) for t in targets]
     # A misspelt engine flag must fail, so the parse is proven to bite (one vLLM import for all cases).
     argvs.append(["--model_name=llm", f"--model_dir={models}", "--http_port=8080", "--tensor-paralel-size=4"])
@@ -159,8 +165,10 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
     results = json.loads(out.stdout.split("RESULT", 1)[1])
     by_target = dict(zip([*targets, "typo"], results, strict=True))
     assert by_target.pop("typo") == {"exit": 2} and "tensor-paralel-size" in out.stderr
+    assert by_target["grpc"]["http_port"] == 8082 and by_target["grpc"]["grpc"] == [True, 8080]
     for target, parsed in by_target.items():
-        assert parsed["http_port"] == 8080 and parsed["model"] == str(models), target
+        assert parsed["http_port"] == (8082 if target == "grpc" else 8080), target
+        assert parsed["model"] == str(models) and parsed["grpc"][0] == (target == "grpc"), target
         assert parsed["model_name"] == "llm", target
     assert by_target["gpu-4x"]["tp"] == 4 and by_target["gpu-1x"]["tp"] == 1
     assert by_target["gpu-4x"]["max_model_len"] == 16384

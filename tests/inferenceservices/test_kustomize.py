@@ -33,6 +33,8 @@ def test_builds_and_validates(built: dict[str, list[dict[str, Any]]], target: st
     expected = ["ClusterServingRuntime", "InferenceService"]
     if target == "model-cache":
         expected = ["ClusterServingRuntime", "InferenceService", "PersistentVolumeClaim"]
+    if target == "grpc":  # the base runtime and its own
+        expected = ["ClusterServingRuntime", "ClusterServingRuntime", "InferenceService"]
     assert kinds == expected
     for obj in objs:
         assert manifests.validate(obj, CRD_DIR) == [], obj["kind"]
@@ -48,7 +50,7 @@ def test_scale_to_zero_in_knative_mode(built: dict[str, list[dict[str, Any]]], t
     assert pred["maxReplicas"] >= 1
     assert pred["scaleMetric"] == "concurrency"
     assert 0 < pred["scaleTarget"] <= pred["containerConcurrency"]
-    assert pred["model"]["runtime"] == "evllm"
+    assert pred["model"]["runtime"] == RUNTIME.get(target, "evllm")
     # Cold-start knobs are present and explicit strings, as Knative's annotations must be.
     for key in (
         "serving.knative.dev/progress-deadline",
@@ -118,7 +120,12 @@ def test_model_cache_reads_from_the_pvc(built: dict[str, list[dict[str, Any]]]) 
     assert predictor(objs)["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"  # built on gpu-1x
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
+# The grpc overlay ships its own runtime (a gRPC container): test_grpc_overlay.
+HTTP_TARGETS = sorted(set(TARGETS) - {"grpc"})
+RUNTIME = {"grpc": "evllm-grpc"}
+
+
+@pytest.mark.parametrize("target", HTTP_TARGETS)
 def test_runtime_container(built: dict[str, list[dict[str, Any]]], target: str) -> None:
     rt = one(built[target], "ClusterServingRuntime")
     spec = rt["spec"]
@@ -134,3 +141,25 @@ def test_runtime_container(built: dict[str, list[dict[str, Any]]], target: str) 
     assert container["ports"] == [{"containerPort": 8080, "name": "http1", "protocol": "TCP"}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/models/{{.Name}}/ready", "port": 8080}
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+
+
+def test_grpc_overlay_routes_grpc_on_one_h2c_port(built: dict[str, list[dict[str, Any]]]) -> None:
+    """Knative routes one port per container: the grpc overlay's runtime names it h2c and serves gRPC
+    there; the HTTP server moves to 8082 in the pod, where the probes reach it from inside."""
+    objs = built["grpc"]
+    isvc = one(objs, "InferenceService")
+    (rt,) = [
+        o for o in objs if o["kind"] == "ClusterServingRuntime" and o["metadata"]["name"] == "evllm-grpc"
+    ]
+    assert rt["spec"]["protocolVersions"] == ["grpc-v2"]
+    assert isvc["spec"]["predictor"]["model"]["protocolVersion"] == "grpc-v2"
+    (container,) = rt["spec"]["containers"]
+    assert container["ports"] == [{"containerPort": 8080, "name": "h2c", "protocol": "TCP"}]
+    assert container["args"][-3:] == ["--http_port=8082", "--enable_grpc=true", "--grpc_port=8080"]
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == "evllm-grpc"
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        assert "httpGet" not in container[probe]
+        assert f"http://127.0.0.1:8082{path}" in container[probe]["exec"]["command"][-1]
+    # The base (HTTP) runtime comes along unchanged: HTTP overlays keep using it.
+    (base,) = [o for o in objs if o["kind"] == "ClusterServingRuntime" and o["metadata"]["name"] == "evllm"]
+    assert base == one(built["gpu-1x"], "ClusterServingRuntime")
