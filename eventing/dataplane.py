@@ -27,7 +27,13 @@ class DataPlaneView(Protocol):
         ...
 
     async def generate(
-        self, prompt: str, params: GenerateParameters, *, request_id: str | None = None, priority: int = 0
+        self,
+        prompt: str,
+        params: GenerateParameters,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        logprobs: bool = False,
     ) -> Generation: ...
 
     async def openai_call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]: ...

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
@@ -38,6 +39,8 @@ ADDITIONAL = [
     ("num_output_tokens", "UINT32"),
 ]
 INFERENCE_HEADER = "inference-header-content-length"
+NO_OPTIONS = triton.Options()
+STREAM_NEEDS_A_STREAM = "stream = true needs a streaming transport: gRPC ModelStreamInfer or /generate_stream"
 
 
 def _decode(item: Any, i: int) -> str:
@@ -86,7 +89,7 @@ class V2Request:
         return self.options.wants_logprob or self.params.logprobs is not None
 
 
-def v2_request(request: InferRequest) -> V2Request:
+def v2_request(request: Any) -> V2Request:
     """Prompts from the BYTES `text_input` tensor [N]; Triton's control tensors (one element each, for
     every prompt) and `sampling_parameters` (instead of the request's `parameters`) beside it."""
     tensors: dict[str, Any] = {}
@@ -121,28 +124,38 @@ def v2_prompts(request: InferRequest) -> list[str]:
     return v2_request(request).prompts
 
 
-def infer_outputs(
+def output_tensors(
     r: V2Request, gens: Sequence[Generation], *, final: bool = True, completion_tokens: Sequence[int] = ()
-) -> list[InferOutput]:
-    """`text_output` [N] (after the prompt when `exclude_input_in_output` is false), and on a final
-    response `finish_reason`, `prompt_tokens`, `completion_tokens` [N] (`completion_tokens` overrides the
-    counts when `gens` are a stream's last deltas); Triton's additional outputs when asked for."""
-    n = len(gens)
+) -> list[tuple[str, str, list[Any]]]:
+    """(name, datatype, data [N]): `text_output` (after the prompt when `exclude_input_in_output` is
+    false), and on a final response `finish_reason`, `prompt_tokens`, `completion_tokens`
+    (`completion_tokens` overrides the counts when `gens` are a stream's last deltas); Triton's additional
+    outputs when asked for."""
     texts = [(p if r.options.prepend_input else "") + g.text for p, g in zip(r.prompts, gens, strict=True)]
-    outputs = [InferOutput("text_output", [n], "BYTES", texts)]
+    outputs: list[tuple[str, str, list[Any]]] = [("text_output", "BYTES", texts)]
     if final:
         counts = list(completion_tokens) or [g.completion_tokens for g in gens]
         outputs += [
-            InferOutput("finish_reason", [n], "BYTES", [g.finish_reason or "" for g in gens]),
-            InferOutput("prompt_tokens", [n], "INT32", [g.prompt_tokens for g in gens]),
-            InferOutput("completion_tokens", [n], "INT32", counts),
+            ("finish_reason", "BYTES", [g.finish_reason or "" for g in gens]),
+            ("prompt_tokens", "INT32", [g.prompt_tokens for g in gens]),
+            ("completion_tokens", "INT32", counts),
         ]
-    top = r.params.logprobs is not None
-    extras = [triton.additional(r.options, g, top_logprobs=top) for g in gens]
-    for name, datatype in ADDITIONAL:
-        if name in extras[0]:
-            outputs.append(InferOutput(name, [n], datatype, [e[name] for e in extras]))
+    if r.options != NO_OPTIONS:
+        top = r.params.logprobs is not None
+        extras = [triton.additional(r.options, g, top_logprobs=top) for g in gens]
+        outputs += [
+            (name, datatype, [e[name] for e in extras]) for name, datatype in ADDITIONAL if name in extras[0]
+        ]
     return outputs
+
+
+def infer_outputs(
+    r: V2Request, gens: Sequence[Generation], *, final: bool = True, completion_tokens: Sequence[int] = ()
+) -> list[InferOutput]:
+    """`output_tensors` as KServe's InferOutputs (binary encodings, gRPC)."""
+    n = len(gens)
+    tensors = output_tensors(r, gens, final=final, completion_tokens=completion_tokens)
+    return [InferOutput(name, [n], datatype, data) for name, datatype, data in tensors]
 
 
 async def infer_v2(
@@ -152,9 +165,7 @@ async def infer_v2(
     Triton's clients expect)."""
     r = v2_request(request)
     if r.options.stream:
-        raise InvalidInput(
-            "stream = true needs a streaming transport: gRPC ModelStreamInfer or /generate_stream"
-        )
+        raise InvalidInput(STREAM_NEEDS_A_STREAM)
     gens = await dataplane.generate_many(r.prompts, r.params, request_id=request_id, logprobs=r.logprobs)
     return InferResponse(
         response_id=request.id or request_id or uuid.uuid4().hex,
@@ -185,22 +196,112 @@ def decode(body: bytes, headers: Any, model_name: str) -> InferRequest:
         raise InvalidInput(f"cannot decode the request: {exc}") from None
 
 
+@dataclass
+class JsonTensor:
+    """An input tensor of a plain JSON request (KServe's InferInput surface that `v2_request` reads)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any]
+    _raw_data: None = None
+
+
+@dataclass
+class JsonRequest:
+    inputs: list[JsonTensor]
+    parameters: dict[str, Any] | None
+    id: str | None
+    outputs: list[str] | None  # requested output names
+
+
+def _json_request(body: bytes) -> JsonRequest | None:
+    """The request, when it is plain JSON with JSON outputs (the common case): parsed without KServe's
+    pydantic models and InferRequest conversion. None for anything else (binary tensors asked for,
+    anything malformed or unusual): KServe's decoding handles it, with its errors."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(raw, dict) or not raw.keys() <= _REQUEST_KEYS:
+        return None
+    rid, params, inputs, outputs = raw.get("id"), raw.get("parameters"), raw.get("inputs"), raw.get("outputs")
+    if not (rid is None or isinstance(rid, str)) or not (params is None or isinstance(params, dict)):
+        return None
+    if (params and params.get("binary_data_output")) or not isinstance(inputs, list) or not inputs:
+        return None
+    tensors = []
+    for t in inputs:
+        if not (isinstance(t, dict) and t.keys() <= _TENSOR_KEYS and not t.get("parameters")):
+            return None
+        name, datatype, shape, data = t.get("name"), t.get("datatype"), t.get("shape"), t.get("data")
+        if not (isinstance(name, str) and isinstance(datatype, str) and isinstance(data, list)):
+            return None
+        if not (isinstance(shape, list) and all(type(d) is int for d in shape)):
+            return None
+        tensors.append(JsonTensor(name, datatype, shape, data))
+    names = None
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            return None
+        names = []
+        for o in outputs:
+            if not (isinstance(o, dict) and isinstance(o.get("name"), str) and not o.get("parameters")):
+                return None
+            names.append(o["name"])
+    return JsonRequest(tensors, params, rid, names)
+
+
+_REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
+_TENSOR_KEYS = frozenset({"name", "datatype", "shape", "data", "parameters"})
+
+
+async def _infer_json(dataplane: DataPlane, request: JsonRequest, request_id: str | None) -> bytes:
+    r = v2_request(request)
+    if r.options.stream:
+        raise InvalidInput(STREAM_NEEDS_A_STREAM)
+    gens = await dataplane.generate_many(r.prompts, r.params, request_id=request_id, logprobs=r.logprobs)
+    n = len(gens)
+    outputs = [
+        {"name": name, "shape": [n], "datatype": datatype, "data": data}
+        for name, datatype, data in output_tensors(r, gens)
+        if request.outputs is None or name in request.outputs
+    ]
+    return orjson.dumps(
+        {
+            "id": request.id or request_id or uuid.uuid4().hex,
+            "model_name": dataplane.model_name,
+            "model_version": MODEL_VERSION,
+            "outputs": outputs,
+        }
+    )
+
+
 def router(dataplane: DataPlane) -> APIRouter:
-    """V2 infer, shadowing KServe's route (same path, body and errors; registered first): its answers
-    come from pydantic models that serialize unset fields as nulls the spec does not allow."""
+    """V2 infer, shadowing KServe's route (same path, body and errors; registered first): plain JSON
+    requests skip KServe's pydantic models and InferRequest/InferResponse conversions (the lean path,
+    profiled: bench/); binary tensors go through KServe's decoding and encoding."""
     api = APIRouter(include_in_schema=False)  # KServe's route documents the same path
 
     @api.post("/v2/models/{model_name}/infer")
     async def infer(model_name: str, request: Request) -> Response:
         if model_name != dataplane.model_name:
             raise ModelNotFound(model_name)
-        infer_request = decode(await request.body(), request.headers, model_name)
-        response = await infer_v2(dataplane, infer_request, request.headers.get("x-request-id"))
-        body, json_length = response.to_rest()
+        body = await request.body()
+        request_id = request.headers.get("x-request-id")
+        if INFERENCE_HEADER not in request.headers:
+            plain = _json_request(body)
+            if plain is not None:
+                return Response(
+                    await _infer_json(dataplane, plain, request_id), media_type="application/json"
+                )
+        infer_request = decode(body, request.headers, model_name)
+        response = await infer_v2(dataplane, infer_request, request_id)
+        answer, json_length = response.to_rest()
         if json_length is None:
-            return JSONResponse(body)
+            return JSONResponse(answer)
         headers = {INFERENCE_HEADER: str(json_length)}
-        return Response(body, media_type="application/octet-stream", headers=headers)
+        return Response(answer, media_type="application/octet-stream", headers=headers)
 
     return api
 

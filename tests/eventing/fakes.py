@@ -69,7 +69,13 @@ class FakeDataPlane:
             self.online_changed.set()
 
     async def generate(
-        self, prompt: str, params: Any, *, request_id: str | None = None, priority: int = 0
+        self,
+        prompt: str,
+        params: Any,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        logprobs: bool = False,
     ) -> FakeGeneration:
         if not self.ready:
             raise NotReady("Engine is starting, retry later.")
