@@ -163,6 +163,8 @@ class DataPlane:
                 o.cumulative_logprob,
             )
 
+        if len(inputs) == 1:  # the common case: no task to schedule
+            return [await one(0, inputs[0])]
         return list(await asyncio.gather(*(one(i, x) for i, x in enumerate(inputs))))
 
     async def generate(
