@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         "priority sections only (no vllm serve / run-batch comparison, no cold start)",
     )
     p.add_argument(
+        "--grpc", help="with --url: that server's gRPC host:port (measures V2 infer over gRPC too)"
+    )
+    p.add_argument(
         "--storage",
         type=Path,
         help="with --url: a directory inside that server's --storage_roots for the batch and priority jobs",
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--url with the batch or priority section needs --storage (inside the server's storage roots)"
             )
         cfg.url = args.url.rstrip("/")
+        cfg.grpc = args.grpc
         cfg.storage = str(args.storage.resolve()) if args.storage is not None else None
     # bench/results/ holds the published A/B figures: only a full run with its own servers writes there.
     scratch = args.smoke or args.url is not None

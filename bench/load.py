@@ -33,9 +33,10 @@ OUTPUT_TOKENS = 32
 @dataclass
 class Protocol:
     name: str
-    path: str  # appended to the server URL
+    path: str  # appended to the server URL (gRPC: the method's path)
     bodies: list[bytes]
     tokens: Callable[[Any], int]  # decoded response -> completion tokens
+    grpc: bool = False  # bodies are serialized ModelInferRequests, sent to `grpc_target`
 
 
 def openai_completions(prefix: str, model: str) -> Protocol:
@@ -76,6 +77,34 @@ def v2_generate(model: str) -> Protocol:
     return Protocol("v2-generate", f"/v2/models/{model}/generate", bodies, lambda r: r["completion_tokens"])
 
 
+def v2_grpc(model: str) -> Protocol:
+    """V2 infer over gRPC (GRPCInferenceService/ModelInfer), Triton's protobufs; responses come back as
+    raw_output_contents (what evllm and Triton send)."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    bodies = []
+    for p in PROMPTS:
+        request = pb.ModelInferRequest(model_name=model)
+        tensor = request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(p.encode())
+        for key, value in (("max_tokens", OUTPUT_TOKENS), ("temperature", 0.0), ("ignore_eos", True)):
+            param = request.parameters[key]
+            if isinstance(value, bool):
+                param.bool_param = value
+            elif isinstance(value, int):
+                param.int64_param = value
+            else:
+                param.double_param = value
+        bodies.append(request.SerializeToString())
+
+    def tokens(raw: bytes) -> int:
+        response = pb.ModelInferResponse.FromString(raw)
+        i = next(k for k, o in enumerate(response.outputs) if o.name == "completion_tokens")
+        return int.from_bytes(response.raw_output_contents[i][:4], "little", signed=True)
+
+    return Protocol("v2-grpc", "/inference.GRPCInferenceService/ModelInfer", bodies, tokens, grpc=True)
+
+
 @dataclass
 class LoadResult:
     protocol: str
@@ -106,7 +135,13 @@ async def closed_loop(
     base_url: str, proto: Protocol, concurrency: int, warmup: float, duration: float
 ) -> LoadResult:
     """Each worker sends its next request as soon as the previous answer arrives. Requests that finish
-    inside [warmup, warmup + duration] count; latency is per request, start to last byte."""
+    inside [warmup, warmup + duration] count; latency is per request, start to last byte. gRPC: one
+    HTTP/2 channel to `base_url` (host:port), bytes in and out."""
+    if proto.grpc:
+        import grpc
+
+        channel = grpc.aio.insecure_channel(base_url)
+        call = channel.unary_unary(proto.path)
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     tokens = 0
@@ -126,9 +161,15 @@ async def closed_loop(
                 return
             body = proto.bodies[i % len(proto.bodies)]
             i += 1
-            async with session.post(url, data=body, headers=headers) as resp:
-                raw = await resp.read()
-                status = resp.status
+            if proto.grpc:
+                try:
+                    raw, status = await call(body), 200
+                except grpc.aio.AioRpcError as exc:
+                    raw, status = str(exc.details()).encode(), exc.code().value[0]
+            else:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    raw = await resp.read()
+                    status = resp.status
             t1 = time.perf_counter()
             if not (t_measure <= t1 <= t_end):
                 continue
@@ -137,7 +178,7 @@ async def closed_loop(
                 if errors == 1:
                     print(f"  ! {proto.name}: HTTP {status}: {raw[:300]!r}", flush=True)
                 continue
-            n = proto.tokens(json.loads(raw))
+            n = proto.tokens(raw if proto.grpc else json.loads(raw))
             if n != OUTPUT_TOKENS:
                 raise RuntimeError(f"{proto.name}: {n} completion tokens, expected {OUTPUT_TOKENS}")
             latencies.append(t1 - t0)
@@ -145,6 +186,8 @@ async def closed_loop(
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    if proto.grpc:
+        await channel.close()
     n = len(latencies)
     return LoadResult(
         protocol=proto.name,

@@ -8,12 +8,19 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-SERIES = [("vllm", "openai"), ("evllm", "openai"), ("evllm", "v2-infer"), ("evllm", "v2-generate")]
+SERIES = [
+    ("vllm", "openai"),
+    ("evllm", "openai"),
+    ("evllm", "v2-infer"),
+    ("evllm", "v2-generate"),
+    ("evllm", "v2-grpc"),
+]
 LABEL = {
     ("vllm", "openai"): "vllm serve OpenAI",
     ("evllm", "openai"): "evllm OpenAI",
     ("evllm", "v2-infer"): "evllm V2 infer",
     ("evllm", "v2-generate"): "evllm V2 generate",
+    ("evllm", "v2-grpc"): "evllm V2 infer over gRPC",
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from predictors.demo_model import ADAPTER_RANK, ensure_demo_adapter, ensure_demo_model
 
 from . import batchjobs, coldstart
-from .load import lora_completions, openai_completions, run_load, v2_generate, v2_infer
+from .load import lora_completions, openai_completions, run_load, v2_generate, v2_grpc, v2_infer
 from .servers import ADAPTER, MODEL_NAME, Attached, Server, engine_lock, run_batch, running, work_dir
 
 
@@ -46,6 +46,7 @@ class Config:
     # that server's --storage_roots.
     url: str | None = None
     storage: str | None = None
+    grpc: str | None = None  # with url: the attached server's gRPC host:port (V2 infer over gRPC)
 
     @classmethod
     def smoke(cls) -> Config:
@@ -150,9 +151,12 @@ class Bench:
         protos = [openai_completions(srv.openai_prefix, MODEL_NAME)]
         if srv.kind == "evllm":
             protos += [v2_infer(MODEL_NAME), v2_generate(MODEL_NAME)]
+            if srv.grpc_target is not None:
+                protos.append(v2_grpc(MODEL_NAME))
         for c in self.cfg.concurrencies:
             for proto in protos:
-                res = run_load(srv.url, proto, c, self.cfg.warmup, self.cfg.duration)
+                target = srv.grpc_target if proto.grpc and srv.grpc_target else srv.url
+                res = run_load(target, proto, c, self.cfg.warmup, self.cfg.duration)
                 self.results["online"].append({"repeat": rep, "server": srv.kind, **res.to_dict()})
 
     def vllm_session(self, rep: int) -> None:
@@ -257,7 +261,7 @@ class Bench:
 
     def run_attached(self, url: str) -> dict[str, Any]:
         """No engine started (so no engine lock): the running server's evllm measurements only."""
-        srv = Attached(url).check()
+        srv = Attached(url, grpc_target=self.cfg.grpc).check()
         self.results["attached"] = url
         for rep in range(self.cfg.repeats):
             self.log(f"repeat {rep + 1}/{self.cfg.repeats} on {url}")

@@ -84,6 +84,7 @@ class Server:
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target: str | None = None  # host:port of evllm's gRPC server
         py = sys.executable
         if kind == "vllm":
             self.cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -92,8 +93,11 @@ class Server:
             self.ready_path = "/health"
             self.openai_prefix = ""
         elif kind == "evllm":
+            grpc_port = free_port()
+            self.grpc_target = f"127.0.0.1:{grpc_port}"
             self.cmd = [py, "-m", "evllm", "serve", "--model_name", MODEL_NAME, "--model_dir", str(model_dir),
-                        "--http_port", str(self.port), *engine_args]  # fmt: skip
+                        "--http_port", str(self.port), "--enable_grpc", "true", "--grpc_port", str(grpc_port),
+                        *engine_args]  # fmt: skip
             if storage_root is not None:
                 self.cmd += ["--storage_roots", str(storage_root)]
             self.ready_path = "/v2/health/ready"
@@ -159,6 +163,7 @@ class Attached:
     kind: str = "evllm"
     openai_prefix: str = "/openai"
     cold_start: float | None = None  # not measured: the server was up before the bench
+    grpc_target: str | None = None  # host:port of its gRPC server, if it serves one (--grpc)
 
     def check(self) -> Attached:
         if not _ready(self.url + "/v2/health/ready"):

@@ -38,6 +38,7 @@ class DataPlaneView(Protocol):
         request_id: str | None = None,
         priority: int = 0,
         model: str | None = None,
+        logprobs: bool = False,
     ) -> Generation: ...
 
     async def openai_call(self, url: str, body: Any, *, priority: int = 0) -> tuple[int, dict[str, Any]]: ...

@@ -41,6 +41,10 @@ class Generation:
     token_ids: list[int]
     finish_reason: str | None
     prompt_tokens: int
+    # Per generated token {token_id: vllm Logprob} (the sampled token and the requested top-k), and their
+    # sum: only when the request asked the engine for logprobs.
+    logprobs: list[Any] | None = None
+    cumulative_logprob: float | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -53,6 +57,8 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None
     prompt_tokens: int
+    logprobs: list[Any] | None = None  # this delta's tokens only
+    cumulative_logprob: float | None = None  # of everything generated so far
 
 
 class DataPlane:
@@ -151,13 +157,16 @@ class DataPlane:
         return inputs
 
     async def _prepare(
-        self, prompts: list[str], params: GenerateParameters, *, stream: bool
+        self, prompts: list[str], params: GenerateParameters, *, stream: bool, logprobs: bool = False
     ) -> tuple[Any, list[Any]]:
         """Every check a generation needs before it reaches the engine: readiness, limits, sampling
-        parameters and tokenization."""
+        parameters and tokenization. `logprobs`: report the sampled tokens' logprobs even when the
+        parameters ask for no top-k (`details`, Triton's `return_cumulative_logprob`)."""
         self.engine.check_ready()
         self.limits.check_prompts(len(prompts))
         sp = to_sampling_params(params, self._defaults(), stream=stream)
+        if logprobs and sp.logprobs is None:
+            sp.logprobs = 0
         self.limits.apply_max_tokens(sp, params.max_tokens)
         return sp, await self._inputs(prompts, sp.max_tokens or 0)
 
@@ -169,12 +178,13 @@ class DataPlane:
         request_id: str | None = None,
         priority: int = ONLINE_PRIORITY,
         model: str | None = None,
+        logprobs: bool = False,
     ) -> list[Generation]:
         """Generate for N prompts concurrently (one engine request each) and return final outputs;
         ``model`` is the base model's name (or None) or an adapter's."""
         self.engine.check_ready()
         lora = self.lora_request(model)
-        sp, inputs = await self._prepare(prompts, params, stream=False)
+        sp, inputs = await self._prepare(prompts, params, stream=False, logprobs=logprobs)
         rid = request_id or uuid.uuid4().hex
 
         async def one(i: int, engine_input: Any) -> Generation:
@@ -185,8 +195,17 @@ class DataPlane:
                 final = out
             assert final is not None
             o = final.outputs[0]
-            return Generation(o.text, list(o.token_ids), finish_reason(o), len(final.prompt_token_ids or ()))
+            return Generation(
+                o.text,
+                list(o.token_ids),
+                finish_reason(o),
+                len(final.prompt_token_ids or ()),
+                None if o.logprobs is None else list(o.logprobs),
+                o.cumulative_logprob,
+            )
 
+        if len(inputs) == 1:  # the common case: no task to schedule
+            return [await one(0, inputs[0])]
         return list(await asyncio.gather(*(one(i, x) for i, x in enumerate(inputs))))
 
     async def generate(
@@ -197,9 +216,10 @@ class DataPlane:
         request_id: str | None = None,
         priority: int = ONLINE_PRIORITY,
         model: str | None = None,
+        logprobs: bool = False,
     ) -> Generation:
         (result,) = await self.generate_many(
-            [prompt], params, request_id=request_id, priority=priority, model=model
+            [prompt], params, request_id=request_id, priority=priority, model=model, logprobs=logprobs
         )
         return result
 
@@ -211,11 +231,12 @@ class DataPlane:
         request_id: str | None = None,
         priority: int = ONLINE_PRIORITY,
         model: str | None = None,
+        logprobs: bool = False,
     ) -> AsyncIterator[Delta]:
         """Validate and tokenize now (so errors are a plain 4xx), then return the delta stream."""
         self.engine.check_ready()
         lora = self.lora_request(model)
-        sp, (engine_input,) = await self._prepare([prompt], params, stream=True)
+        sp, (engine_input,) = await self._prepare([prompt], params, stream=True, logprobs=logprobs)
         rid = request_id or uuid.uuid4().hex
 
         async def stream() -> AsyncIterator[Delta]:
@@ -223,9 +244,21 @@ class DataPlane:
                 engine_input, sp, rid, priority=priority, lora_request=lora
             ):
                 o = out.outputs[0]
-                yield Delta(o.text, list(o.token_ids), finish_reason(o), len(out.prompt_token_ids or ()))
+                yield Delta(
+                    o.text,
+                    list(o.token_ids),
+                    finish_reason(o),
+                    len(out.prompt_token_ids or ()),
+                    None if o.logprobs is None else list(o.logprobs),
+                    o.cumulative_logprob,
+                )
 
         return stream()
+
+    def special_token_ids(self) -> frozenset[int]:
+        """The tokenizer's special tokens (the generate spec's `Token.special`)."""
+        tokenizer = getattr(self.engine.client, "tokenizer", None)
+        return frozenset(getattr(tokenizer, "all_special_ids", None) or ())
 
     async def openai_call(
         self, url: str, body: Any, *, priority: int = ONLINE_PRIORITY

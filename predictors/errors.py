@@ -111,9 +111,10 @@ async def _evllm_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-def _describe_validation(exc: RequestValidationError) -> str:
+def describe_validation(errors: Any) -> str:
+    """Pydantic's (FastAPI's) validation errors as one line naming each location."""
     parts = []
-    for err in exc.errors():
+    for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
@@ -121,7 +122,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 async def _request_validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"error": _describe_validation(exc)}, status_code=HTTPStatus.BAD_REQUEST)
+    return JSONResponse({"error": describe_validation(exc.errors())}, status_code=HTTPStatus.BAD_REQUEST)
 
 
 async def _http_exception(_: Request, exc: Exception) -> JSONResponse:

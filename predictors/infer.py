@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
+from . import triton
 from .dataplane import DataPlane, Generation
-from .errors import InvalidInput
-from .sampling import parse_parameters
+from .errors import InvalidInput, describe_validation
+from .oip import MODEL_VERSION
+from .sampling import GenerateParameters, parse_parameters
 
 TEXT_INPUT = "text_input"
 
@@ -24,6 +31,16 @@ OUTPUTS = [
     {"name": "prompt_tokens", "datatype": "INT32", "shape": [-1]},
     {"name": "completion_tokens", "datatype": "INT32", "shape": [-1]},
 ]
+# Triton's additional outputs (see `triton`), present only when a request asks for them.
+ADDITIONAL = [
+    ("cumulative_logprob", "FP32"),
+    ("logprobs", "BYTES"),
+    ("num_input_tokens", "UINT32"),
+    ("num_output_tokens", "UINT32"),
+]
+INFERENCE_HEADER = "inference-header-content-length"
+NO_OPTIONS = triton.Options()
+STREAM_NEEDS_A_STREAM = "stream = true needs a streaming transport: gRPC ModelStreamInfer or /generate_stream"
 
 
 def _decode(item: Any, i: int) -> str:
@@ -37,52 +54,268 @@ def _decode(item: Any, i: int) -> str:
     raise InvalidInput(f"{TEXT_INPUT}[{i}] must be a string, got {type(item).__name__}")
 
 
-def v2_prompts(request: InferRequest) -> list[str]:
-    names = [i.name for i in request.inputs]
-    if names != [TEXT_INPUT]:
-        raise InvalidInput(f"expected exactly one input named '{TEXT_INPUT}', got {names}")
-    tensor = request.inputs[0]
+def _elements(tensor: Any) -> list[Any]:
+    if getattr(tensor, "_raw_data", None) is not None:
+        try:
+            return list(tensor.as_numpy().reshape(-1))
+        except Exception as exc:  # malformed binary tensor data is the client's mistake
+            raise InvalidInput(f"input '{tensor.name}': cannot decode binary data: {exc}") from None
+    data = tensor.data
+    items: list[Any] = []
+    for x in data if isinstance(data, list) else [data]:
+        items.extend(x if isinstance(x, list) else [x])
+    return items
+
+
+def _scalar(tensor: Any, datatype: str) -> Any:
+    """The one element of a Triton control tensor (`stream` BOOL [1], `sampling_parameters` BYTES [1])."""
+    if tensor.datatype != datatype:
+        raise InvalidInput(f"input '{tensor.name}' must have datatype {datatype}, got {tensor.datatype}")
+    items = _elements(tensor)
+    if len(items) != 1:
+        raise InvalidInput(f"input '{tensor.name}' must have exactly one element, got {len(items)}")
+    item = items[0]
+    return item.item() if isinstance(item, np.generic) and not isinstance(item, np.bytes_) else item
+
+
+@dataclass
+class V2Request:
+    prompts: list[str]
+    params: GenerateParameters
+    options: triton.Options
+
+    @property
+    def logprobs(self) -> bool:
+        return self.options.wants_logprob or self.params.logprobs is not None
+
+
+def v2_request(request: Any) -> V2Request:
+    """Prompts from the BYTES `text_input` tensor [N]; Triton's control tensors (one element each, for
+    every prompt) and `sampling_parameters` (instead of the request's `parameters`) beside it."""
+    tensors: dict[str, Any] = {}
+    for t in request.inputs:
+        if t.name in tensors:
+            raise InvalidInput(f"input '{t.name}' appears twice")
+        tensors[t.name] = t
+    extra = sorted(set(tensors) - {TEXT_INPUT} - triton.NAMES)
+    if TEXT_INPUT not in tensors or extra:
+        raise InvalidInput(
+            f"expected an input named '{TEXT_INPUT}' (and optionally Triton's "
+            f"{', '.join(sorted(triton.NAMES))}), got {list(tensors)}"
+        )
+    tensor = tensors[TEXT_INPUT]
     if tensor.datatype != "BYTES":
         raise InvalidInput(f"input '{TEXT_INPUT}' must have datatype BYTES, got {tensor.datatype}")
     shape = list(tensor.shape)
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
         raise InvalidInput(f"input '{TEXT_INPUT}' must have shape [N] or [N, 1] with N >= 1, got {shape}")
-    if getattr(tensor, "_raw_data", None) is not None:
-        try:
-            items = list(tensor.as_numpy().reshape(-1))
-        except Exception as exc:  # malformed binary tensor data is the client's mistake
-            raise InvalidInput(f"input '{TEXT_INPUT}': cannot decode binary data: {exc}") from None
-    else:
-        data = tensor.data
-        items = []
-        for x in data if isinstance(data, list) else [data]:
-            items.extend(x if isinstance(x, list) else [x])
+    items = _elements(tensor)
     if len(items) != shape[0]:
         raise InvalidInput(f"input '{TEXT_INPUT}' has shape {shape} but {len(items)} elements")
-    return [_decode(x, i) for i, x in enumerate(items)]
+    prompts = [_decode(x, i) for i, x in enumerate(items)]
+    options = triton.options({k: _scalar(tensors[k], "BOOL") for k in triton.SWITCHES if k in tensors})
+    raw = request.parameters
+    if triton.SAMPLING_PARAMETERS in tensors:
+        raw = triton.sampling_parameters(_scalar(tensors[triton.SAMPLING_PARAMETERS], "BYTES"))
+    return V2Request(prompts, parse_parameters(raw), options)
+
+
+def v2_prompts(request: InferRequest) -> list[str]:
+    return v2_request(request).prompts
+
+
+def output_tensors(
+    r: V2Request, gens: Sequence[Generation], *, final: bool = True, completion_tokens: Sequence[int] = ()
+) -> list[tuple[str, str, list[Any]]]:
+    """(name, datatype, data [N]): `text_output` (after the prompt when `exclude_input_in_output` is
+    false), and on a final response `finish_reason`, `prompt_tokens`, `completion_tokens`
+    (`completion_tokens` overrides the counts when `gens` are a stream's last deltas); Triton's additional
+    outputs when asked for."""
+    texts = [(p if r.options.prepend_input else "") + g.text for p, g in zip(r.prompts, gens, strict=True)]
+    outputs: list[tuple[str, str, list[Any]]] = [("text_output", "BYTES", texts)]
+    if final:
+        counts = list(completion_tokens) or [g.completion_tokens for g in gens]
+        outputs += [
+            ("finish_reason", "BYTES", [g.finish_reason or "" for g in gens]),
+            ("prompt_tokens", "INT32", [g.prompt_tokens for g in gens]),
+            ("completion_tokens", "INT32", counts),
+        ]
+    if r.options != NO_OPTIONS:
+        top = r.params.logprobs is not None
+        extras = [triton.additional(r.options, g, top_logprobs=top) for g in gens]
+        outputs += [
+            (name, datatype, [e[name] for e in extras]) for name, datatype in ADDITIONAL if name in extras[0]
+        ]
+    return outputs
+
+
+def infer_outputs(
+    r: V2Request, gens: Sequence[Generation], *, final: bool = True, completion_tokens: Sequence[int] = ()
+) -> list[InferOutput]:
+    """`output_tensors` as KServe's InferOutputs (binary encodings, gRPC)."""
+    n = len(gens)
+    tensors = output_tensors(r, gens, final=final, completion_tokens=completion_tokens)
+    return [InferOutput(name, [n], datatype, data) for name, datatype, data in tensors]
 
 
 async def infer_v2(
-    dataplane: DataPlane, request: InferRequest, request_id: str | None, model: str | None = None
+    dataplane: DataPlane,
+    request: InferRequest,
+    request_id: str | None,
+    model: str | None = None,
+    *,
+    raw_outputs: bool = False,
 ) -> InferResponse:
-    """``model``: the name the request addressed (the base model or one of its adapters)."""
-    prompts = v2_prompts(request)
-    params = parse_parameters(request.parameters)
-    gens = await dataplane.generate_many(prompts, params, request_id=request_id, model=model)
-    n = len(gens)
-    outputs = [
-        InferOutput("text_output", [n], "BYTES", [g.text for g in gens]),
-        InferOutput("finish_reason", [n], "BYTES", [g.finish_reason or "" for g in gens]),
-        InferOutput("prompt_tokens", [n], "INT32", [g.prompt_tokens for g in gens]),
-        InferOutput("completion_tokens", [n], "INT32", [g.completion_tokens for g in gens]),
-    ]
+    """``model``: the name the request addressed (the base model or one of its adapters).
+    ``raw_outputs``: tensors as bytes whatever the request says (gRPC's raw_output_contents, which
+    Triton's clients expect)."""
+    r = v2_request(request)
+    if r.options.stream:
+        raise InvalidInput(STREAM_NEEDS_A_STREAM)
+    gens = await dataplane.generate_many(
+        r.prompts, r.params, request_id=request_id, model=model, logprobs=r.logprobs
+    )
     return InferResponse(
         response_id=request.id or request_id or uuid.uuid4().hex,
         model_name=model or dataplane.model_name,
-        infer_outputs=outputs,
-        use_binary_outputs=request.use_binary_outputs,
+        model_version=MODEL_VERSION,
+        infer_outputs=infer_outputs(r, gens),
+        use_binary_outputs=raw_outputs or request.use_binary_outputs,
         requested_outputs=request.request_outputs,
     )
+
+
+def decode(body: bytes, headers: Any, model_name: str) -> InferRequest:
+    """A V2 infer request, JSON or with binary tensors (Triton's extension): KServe's own decoding, every
+    failure the client's 400."""
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest
+    from pydantic import ValidationError
+
+    length = headers.get(INFERENCE_HEADER)
+    try:
+        if length is not None:
+            return InferRequest.from_bytes(body, int(length), model_name)
+        return InferRequest.from_inference_request(InferenceRequest.model_validate_json(body), model_name)
+    except ValidationError as exc:
+        raise InvalidInput(describe_validation(exc.errors())) from None
+    except InvalidInput:
+        raise
+    except Exception as exc:
+        raise InvalidInput(f"cannot decode the request: {exc}") from None
+
+
+@dataclass
+class JsonTensor:
+    """An input tensor of a plain JSON request (KServe's InferInput surface that `v2_request` reads)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any]
+    _raw_data: None = None
+
+
+@dataclass
+class JsonRequest:
+    inputs: list[JsonTensor]
+    parameters: dict[str, Any] | None
+    id: str | None
+    outputs: list[str] | None  # requested output names
+
+
+def _json_request(body: bytes) -> JsonRequest | None:
+    """The request, when it is plain JSON with JSON outputs (the common case): parsed without KServe's
+    pydantic models and InferRequest conversion. None for anything else (binary tensors asked for,
+    anything malformed or unusual): KServe's decoding handles it, with its errors."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(raw, dict) or not raw.keys() <= _REQUEST_KEYS:
+        return None
+    rid, params, inputs, outputs = raw.get("id"), raw.get("parameters"), raw.get("inputs"), raw.get("outputs")
+    if not (rid is None or isinstance(rid, str)) or not (params is None or isinstance(params, dict)):
+        return None
+    if (params and params.get("binary_data_output")) or not isinstance(inputs, list) or not inputs:
+        return None
+    tensors = []
+    for t in inputs:
+        if not (isinstance(t, dict) and t.keys() <= _TENSOR_KEYS and not t.get("parameters")):
+            return None
+        name, datatype, shape, data = t.get("name"), t.get("datatype"), t.get("shape"), t.get("data")
+        if not (isinstance(name, str) and isinstance(datatype, str) and isinstance(data, list)):
+            return None
+        if not (isinstance(shape, list) and all(type(d) is int for d in shape)):
+            return None
+        tensors.append(JsonTensor(name, datatype, shape, data))
+    names = None
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            return None
+        names = []
+        for o in outputs:
+            if not (isinstance(o, dict) and isinstance(o.get("name"), str) and not o.get("parameters")):
+                return None
+            names.append(o["name"])
+    return JsonRequest(tensors, params, rid, names)
+
+
+_REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
+_TENSOR_KEYS = frozenset({"name", "datatype", "shape", "data", "parameters"})
+
+
+async def _infer_json(
+    dataplane: DataPlane, request: JsonRequest, request_id: str | None, model: str
+) -> bytes:
+    r = v2_request(request)
+    if r.options.stream:
+        raise InvalidInput(STREAM_NEEDS_A_STREAM)
+    gens = await dataplane.generate_many(
+        r.prompts, r.params, request_id=request_id, model=model, logprobs=r.logprobs
+    )
+    n = len(gens)
+    outputs = [
+        {"name": name, "shape": [n], "datatype": datatype, "data": data}
+        for name, datatype, data in output_tensors(r, gens)
+        if request.outputs is None or name in request.outputs
+    ]
+    return orjson.dumps(
+        {
+            "id": request.id or request_id or uuid.uuid4().hex,
+            "model_name": model,
+            "model_version": MODEL_VERSION,
+            "outputs": outputs,
+        }
+    )
+
+
+def router(dataplane: DataPlane) -> APIRouter:
+    """V2 infer, shadowing KServe's route (same path, body and errors; registered first): plain JSON
+    requests skip KServe's pydantic models and InferRequest/InferResponse conversions (the lean path,
+    profiled: bench/); binary tensors go through KServe's decoding and encoding."""
+    api = APIRouter(include_in_schema=False)  # KServe's route documents the same path
+
+    @api.post("/v2/models/{model_name}/infer")
+    async def infer(model_name: str, request: Request) -> Response:
+        dataplane.check_model(model_name)  # the base model or one of its adapters
+        body = await request.body()
+        request_id = request.headers.get("x-request-id")
+        if INFERENCE_HEADER not in request.headers:
+            plain = _json_request(body)
+            if plain is not None:
+                return Response(
+                    await _infer_json(dataplane, plain, request_id, model_name),
+                    media_type="application/json",
+                )
+        infer_request = decode(body, request.headers, model_name)
+        response = await infer_v2(dataplane, infer_request, request_id, model_name)
+        answer, json_length = response.to_rest()
+        if json_length is None:
+            return JSONResponse(answer)
+        headers = {INFERENCE_HEADER: str(json_length)}
+        return Response(answer, media_type="application/octet-stream", headers=headers)
+
+    return api
 
 
 def _prediction(g: Generation) -> dict[str, Any]:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import logs, metrics
+from . import logs, metrics, oip
 from .admission import Admission
 from .dataplane import DataPlane
 from .errors import (
@@ -311,23 +310,28 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-# KServe answers versioned V2 routes with 501 (a 5xx for a client's URL) and would unload our only model
-# through the repository extension; both are 404 here. The generate routes ignore the version.
-_VERSIONED = re.compile(r"^/v2/models/[^/]+/versions/[^/]+(/infer|/ready)?$")
-
-
-def _unsupported(path: str, query: bytes) -> str | None:
+def _unsupported(path: str) -> str | None:
+    # KServe's repository extension would unload our only model.
     if path.startswith("/v2/repository/"):
         return "the model repository extension is disabled"
-    # KServe's unversioned routes also take ?model_version=..., with the same 501.
-    if _VERSIONED.match(path) or (path.startswith("/v2/models/") and b"model_version=" in query):
-        return "model versions are not supported: this server serves one unversioned model"
     return None
+
+
+def _route(scope: Scope) -> str | None:
+    """Versioned V2 paths (the OIP spec's spelling) become the unversioned routes for the model's one
+    version (KServe would answer them 501); the refusal for any other version or a disabled route."""
+    try:
+        path, query = oip.unversioned(scope["path"], scope.get("query_string", b""))
+    except oip.UnknownVersion as exc:
+        return str(exc)
+    if path != scope["path"] or query != scope.get("query_string", b""):
+        scope["path"], scope["raw_path"], scope["query_string"] = path, path.encode(), query
+    return _unsupported(path)
 
 
 class Admit:
     """Bounded admission for every POST (online inference and events): 429 past the limit, 503 draining.
-    Routes KServe would answer with 501 or that would unload the model answer 404 (see `_unsupported`)."""
+    Routes KServe would answer with 501 or that would unload the model answer 404 (see `_route`)."""
 
     def __init__(self, app: ASGIApp, admission: Admission):
         self.app = app
@@ -337,7 +341,7 @@ class Admit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refusal = _unsupported(scope["path"], scope.get("query_string", b""))
+        refusal = _route(scope)
         if refusal is not None:
             await _refuse(RouteDisabled(refusal), scope, receive, send)
             return

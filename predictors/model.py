@@ -16,6 +16,7 @@ from kserve.protocol.infer_type import InferRequest
 
 from .dataplane import DataPlane
 from .infer import INPUTS, OUTPUTS, infer_v2, predict_v1
+from .oip import EXTENSIONS, MODEL_VERSION
 
 logger = logging.getLogger("evllm.model")
 
@@ -37,6 +38,23 @@ def strict_decode(kserve_dataplane: Any) -> None:
             raise KServeInvalidInput(f"cannot decode the request: {exc}") from None
 
     kserve_dataplane.decode = checked
+
+
+def oip_metadata(kserve_dataplane: Any) -> None:
+    """Server and model metadata that say what this server is: the extensions it implements (KServe
+    lists its model repository extension, which is disabled here) and the model's one version (KServe
+    answers `"versions": null`; the spec wants an array of strings)."""
+    model_metadata = kserve_dataplane.model_metadata
+    server_metadata = kserve_dataplane.metadata
+
+    async def with_versions(model_name: str) -> dict[str, Any]:
+        return {**await model_metadata(model_name), "versions": [MODEL_VERSION]}
+
+    def with_extensions() -> dict[str, Any]:
+        return {**server_metadata(), "extensions": list(EXTENSIONS)}
+
+    kserve_dataplane.model_metadata = with_versions
+    kserve_dataplane.metadata = with_extensions
 
 
 class EvllmModel(kserve.Model):  # type: ignore[misc]  # KServe ships no types

@@ -6,6 +6,7 @@ name the offending parameter, instead of surfacing later as engine failures.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -38,13 +39,21 @@ class GenerateParameters(BaseModel):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     bad_words: list[str] | None = None
+    logprobs: int | None = Field(default=None, ge=0)  # top-k logprobs per generated token
+
+
+KNOWN = sorted([*GenerateParameters.model_fields, *TRANSPORT_KEYS])
 
 
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         name = ".".join(str(p) for p in err["loc"]) or "parameters"
-        msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            # Unknown names are errors, never ignored: a typo (max_token) must not silently change nothing.
+            close = difflib.get_close_matches(name, KNOWN, n=1)
+            msg = "unknown parameter" + (f" (did you mean {close[0]}?)" if close else "")
         parts.append(f"parameters.{name}: {msg}")
     return "; ".join(parts)
 

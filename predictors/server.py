@@ -27,6 +27,7 @@ from .engine import Engine, explain_start_failure
 from .errors import EngineStartFailed, install_handlers, quiet_not_ready
 from .extension import Extension, Policies
 from .limits import Limits
+from .oip import without_nulls
 
 logger = logging.getLogger("evllm.server")
 
@@ -75,7 +76,8 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
         "`vllm serve` engine flag (kebab-case, e.g. --max-model-len 4096, --tensor-parallel-size 4) is "
         "passed through to the engine.",
     )
-    # gRPC is not part of this server's contract; KServe enables it by default on 8081.
+    # gRPC (OIP V2 + Triton's ModelStreamInfer, predictors/oip_grpc.py) only when asked for: KServe
+    # enables it by default on 8081, and Knative routes one port per container (see README).
     parser.set_defaults(enable_grpc=False)
     settings_lib.add_arguments(parser, ServerConfig, "server", "Model, logging, admission and shutdown")
     settings_lib.add_arguments(
@@ -246,7 +248,7 @@ def assemble(
 ) -> Admission:
     """Routes, error handlers and middleware on an app that carries KServe's V1/V2 routes; returns the
     admission controller (which the graceful shutdown drains)."""
-    from . import adapters, generate, metrics
+    from . import adapters, generate, infer, metrics
     from .auth import Authenticator
     from .middleware import (
         AbortOnDisconnect,
@@ -278,6 +280,7 @@ def assemble(
 
     install_handlers(app)
     app.include_router(health_router(dataplane))
+    app.include_router(infer.router(dataplane))
     app.include_router(generate.router(dataplane))
     # Before the OpenAI mount, which would otherwise take these paths.
     app.include_router(adapters.router(adapters.Adapters(dataplane, settings.server.cache_dir)))
@@ -322,7 +325,7 @@ def install_openapi(app: FastAPI, openai_app: FastAPI) -> None:
 
 
 def _lean_kserve_app(event_loop: str) -> None:
-    """KServe's app, adjusted: its ModelNotReady handler logs an ERROR with a traceback on every readiness
+    """KServe's app, adjusted: its V2 routes answer without nulls (oip.without_nulls), its ModelNotReady handler logs an ERROR with a traceback on every readiness
     poll during a start (quiet_not_ready), and two per-request costs KServe adds that `vllm serve` does
     not have (profiled under load, where the API server shares the CPUs with the engine):
 
@@ -349,6 +352,13 @@ def _lean_kserve_app(event_loop: str) -> None:
         quiet_not_ready(app)
 
     RESTServer._add_exception_handlers = with_quiet_not_ready
+    register_endpoints = RESTServer._register_endpoints
+
+    def spec_shaped(self: Any, app: FastAPI) -> None:
+        register_endpoints(self, app)
+        without_nulls(app)
+
+    RESTServer._register_endpoints = spec_shaped
     if event_loop in ("auto", "uvloop"):
         try:
             import uvloop
@@ -377,7 +387,7 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
     from kserve.model_server import app
 
     from . import logs
-    from .model import EvllmModel, Repository, strict_decode
+    from .model import EvllmModel, Repository, oip_metadata, strict_decode
     from .shutdown import GracefulShutdown
     from .startup import Timeline
 
@@ -402,6 +412,7 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             strict_decode(self.dataplane)
+            oip_metadata(self.dataplane)
 
         def register_signal_handler(self) -> None:
             super().register_signal_handler()
@@ -410,6 +421,15 @@ def serve(argv: Sequence[str], extensions: Sequence[Extension] = ()) -> None:
                 graceful.install(self._rest_server._server)
 
     _lean_kserve_app(kargs.event_loop)
+    if kargs.enable_grpc:
+        import kserve.model_server
+
+        from .auth import Authenticator
+        from .oip_grpc import kserve_grpc_server
+
+        kserve.model_server.GRPCServer = kserve_grpc_server(
+            dataplane, admission, Authenticator(settings.auth)
+        )
     try:
         Server(
             registered_models=Repository(dataplane),

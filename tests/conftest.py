@@ -31,7 +31,7 @@ from cloudevents.http import CloudEvent, from_http
 
 from predictors.config import ServerConfig
 from predictors.demo_model import demo_dir, ensure_demo_adapter, ensure_demo_model
-from tests.server import ROOT, ServerProcess, clean_env, engine_lock
+from tests.server import ROOT, ServerProcess, clean_env, engine_lock, free_port
 
 MODEL_NAME = "demo"
 # `make serve` also serves the demo LoRA adapter under this name, with these engine flags.
@@ -227,6 +227,7 @@ class Engines:
         self.reference: list[dict[str, Any]] = []
         self.adapter_reference: list[dict[str, Any]] = []
         self.server: ServerProcess | None = None
+        self.grpc_port = 0
         self.error: BaseException | None = None
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -244,9 +245,20 @@ class Engines:
             self._lock.__enter__()
             model_dir = ensure_demo_model(demo_dir(self.cache_dir))
             self.reference, self.adapter_reference = compute_reference(model_dir)
+            self.grpc_port = free_port()
             self.server = ServerProcess(
-                # `make serve`'s command line (the demo model and the demo adapter), nothing more.
-                ["--model_name", MODEL_NAME, "--model_dir", "demo", *LORA_FLAGS],
+                # `make serve`'s command line (the demo model and the demo adapter), plus gRPC.
+                [
+                    "--model_name",
+                    MODEL_NAME,
+                    "--model_dir",
+                    "demo",
+                    *LORA_FLAGS,
+                    "--enable_grpc",
+                    "true",
+                    "--grpc_port",
+                    str(self.grpc_port),
+                ],
                 env=server_env(self.cache_dir, self.storage_root, self.broker),
                 log_name="session-server",
             )
@@ -285,6 +297,12 @@ def server() -> ServerProcess:
     engines = ENGINES.wait()
     assert engines.server is not None
     return engines.server
+
+
+@pytest.fixture(scope="session")
+def grpc_url(server: ServerProcess) -> str:
+    """The session server's gRPC endpoint (OIP V2 + ModelStreamInfer)."""
+    return f"127.0.0.1:{ENGINES.grpc_port}"
 
 
 # The restarted server's settings (tests assert against these numbers).

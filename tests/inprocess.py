@@ -26,7 +26,8 @@ from predictors.dataplane import DataPlane
 from predictors.engine import Engine
 from predictors.errors import InvalidInput, quiet_not_ready
 from predictors.extension import Extension
-from predictors.model import EvllmModel, Repository, strict_decode
+from predictors.model import EvllmModel, Repository, oip_metadata, strict_decode
+from predictors.oip import without_nulls
 from predictors.server import Settings, assemble, build_parser, read_settings
 
 MODEL_NAME = "demo"
@@ -39,6 +40,13 @@ class FakeCompletion:
     token_ids: list[int]
     finish_reason: str | None
     stop_reason: Any = None
+    logprobs: list[dict[int, Any]] | None = None
+    cumulative_logprob: float | None = None
+
+
+def fake_logprob(i: int) -> float:
+    """The fake engine's logprob for the i-th generated token (exact in binary floating point)."""
+    return -(i + 1) / 8
 
 
 @dataclass
@@ -97,6 +105,16 @@ class FakeClient:
         self.requests.append(request_id)
         self.priorities.append(priority)
         delta = sampling_params.output_kind == RequestOutputKind.DELTA
+        want = sampling_params.logprobs is not None
+
+        def logprobs(start: int, stop: int) -> Any:
+            from vllm.logprobs import Logprob
+
+            if not want:
+                return None, None
+            lps = [{ord(text[i]): Logprob(fake_logprob(i), 1, text[i])} for i in range(start, stop)]
+            return lps, sum(fake_logprob(i) for i in range(stop))
+
         done = False
         try:
             for i in range(n):
@@ -104,12 +122,13 @@ class FakeClient:
                     await asyncio.sleep(self.delay)
                 last = i == n - 1
                 if delta:
-                    yield FakeOutput([FakeCompletion(text[i], [ord(text[i])], finish if last else None)],
-                                     ids, last)  # fmt: skip
+                    c = FakeCompletion(text[i], [ord(text[i])], finish if last else None)
+                    c.logprobs, c.cumulative_logprob = logprobs(i, i + 1)
+                    yield FakeOutput([c], ids, last)
                 elif last:
-                    yield FakeOutput(
-                        [FakeCompletion(text[:n], [ord(c) for c in text[:n]], finish)], ids, True
-                    )
+                    c = FakeCompletion(text[:n], [ord(c) for c in text[:n]], finish)
+                    c.logprobs, c.cumulative_logprob = logprobs(0, n)
+                    yield FakeOutput([c], ids, True)
             done = True
         finally:
             if not done:
@@ -208,7 +227,7 @@ def settings(argv: Sequence[str] = (), extensions: Sequence[Extension] = ()) -> 
     return read_settings(parser, parser.parse_args(["--model_name", MODEL_NAME, *argv]), extensions)
 
 
-def kserve_routes(app: FastAPI, model: EvllmModel) -> None:
+def kserve_routes(app: FastAPI, model: EvllmModel) -> SimpleNamespace:
     """KServe's own V1/V2 routes and exception handlers, registered the way its RESTServer does, on the
     repository predictors.server gives KServe."""
     from kserve.protocol.dataplane import DataPlane as KServeDataPlane
@@ -219,13 +238,16 @@ def kserve_routes(app: FastAPI, model: EvllmModel) -> None:
     repository.update(model)
     kserve_dataplane = KServeDataPlane(model_registry=repository)
     strict_decode(kserve_dataplane)  # as predictors.server's ModelServer does
+    oip_metadata(kserve_dataplane)
     kserve = SimpleNamespace(
         dataplane=kserve_dataplane,
         model_repository_extension=ModelRepositoryExtension(model_registry=repository),
     )
     RESTServer._register_endpoints(kserve, app)
+    without_nulls(app)  # as predictors.server does after KServe's routes
     RESTServer._add_exception_handlers(kserve, app)
     quiet_not_ready(app)  # as predictors.server does after KServe's handlers
+    return kserve
 
 
 @dataclass
@@ -236,6 +258,7 @@ class InProcess:
     openai: FakeOpenAI
     admission: Any
     settings: Settings
+    kserve: SimpleNamespace  # KServe's data plane and repository extension (what its gRPC servicer takes)
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         transport = httpx.ASGITransport(app=self.app)
@@ -261,8 +284,8 @@ async def server(
     app = FastAPI()
     model = EvllmModel(MODEL_NAME, dataplane)
     admission = assemble(app, dataplane, s, extensions)
-    kserve_routes(app, model)
+    kserve = kserve_routes(app, model)
     if start:
         await dataplane.start()
     async with app.router.lifespan_context(app):
-        yield InProcess(app, dataplane, engine, openai, admission, s)
+        yield InProcess(app, dataplane, engine, openai, admission, s, kserve)

@@ -40,11 +40,13 @@ def bench_args(url: str, storage: Path, out: Path, concurrency: list[int], durat
     ]  # fmt: skip
 
 
-def check_report(out: Path, url: str, concurrency: list[int], storage: Path) -> dict[str, Any]:
+def check_report(
+    out: Path, url: str, concurrency: list[int], storage: Path, protocols: tuple[str, ...] = PROTOCOLS
+) -> dict[str, Any]:
     results = json.loads((out / "results.json").read_text())
     assert results["attached"] == url and results["config"]["url"] == url
     series = {(r["server"], r["protocol"], r["concurrency"]) for r in results["online"]}
-    assert series == {("evllm", p, c) for p in PROTOCOLS for c in concurrency}
+    assert series == {("evllm", p, c) for p in protocols for c in concurrency}
     assert all(r["requests"] > 0 and r["errors"] == 0 and r["tok_s"] > 0 for r in results["online"])
     assert results["cold_start"] == []  # nothing was started
     # The same 8 lines as a batch.submitted event and through the OpenAI Batch API (official client).
@@ -63,8 +65,10 @@ def check_report(out: Path, url: str, concurrency: list[int], storage: Path) -> 
         assert section in md
     assert "| evllm-http |" in md
     assert "## Cold start" not in md and "| evllm+start |" not in md  # no cold start was measured
-    for label in ("evllm OpenAI", "evllm V2 infer", "evllm V2 generate"):
-        assert f"| {concurrency[0]} | {label} |" in md
+    labels = {"openai": "evllm OpenAI", "v2-infer": "evllm V2 infer", "v2-generate": "evllm V2 generate",
+              "v2-grpc": "evllm V2 infer over gRPC"}  # fmt: skip
+    for protocol in protocols:
+        assert f"| {concurrency[0]} | {labels[protocol]} |" in md
     # The comparisons with vllm serve need its servers: reported as not measured, not as failures.
     assert f"| OpenAI throughput ratio, c={max(concurrency)} | - | ≥ 1.00 | not measured |" in md
     if importlib.util.find_spec("matplotlib") is not None:  # the `bench` extra
@@ -73,19 +77,27 @@ def check_report(out: Path, url: str, concurrency: list[int], storage: Path) -> 
 
 
 @pytest.mark.slow
-def test_bench_against_the_session_server(server, storage_root: Path, tmp_path: Path) -> None:
-    """The harness as a user runs it, against the real engine (sink mode: jobs complete via the broker)."""
+def test_bench_against_the_session_server(server, grpc_url: str, storage_root: Path, tmp_path: Path) -> None:
+    """The harness as a user runs it, against the real engine (sink mode: jobs complete via the broker),
+    gRPC included (the bench process loads Triton's protobufs, which the test process cannot)."""
     out, storage = tmp_path / "results", storage_root / "bench"
     storage.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", *bench_args(server.url, storage, out, [1, 4], 0.5)],
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            *bench_args(server.url, storage, out, [1, 4], 0.5),
+            "--grpc",
+            grpc_url,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    check_report(out, server.url, [1, 4], storage)
+    check_report(out, server.url, [1, 4], storage, (*PROTOCOLS, "v2-grpc"))
 
 
 # Engine-free: the in-process server (fake engine) on a real port, as the load generator speaks HTTP -----

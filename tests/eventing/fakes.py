@@ -80,6 +80,7 @@ class FakeDataPlane:
         request_id: str | None = None,
         priority: int = 0,
         model: str | None = None,
+        logprobs: bool = False,
     ) -> FakeGeneration:
         if not self.ready:
             raise NotReady("Engine is starting, retry later.")

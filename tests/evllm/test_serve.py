@@ -26,7 +26,11 @@ def make_serve_args() -> list[str]:
 @pytest.mark.slow
 def test_the_session_server_runs_make_serves_command(server: ServerProcess) -> None:
     assert make_serve_args() == ["--model_name", "demo", "--model_dir", "demo", *LORA_FLAGS]
-    assert server.args == make_serve_args()
+    base = make_serve_args()
+    # Plus gRPC on a free port for the gRPC tests (`make serve` leaves it off): nothing else.
+    assert server.args[: len(base)] == base
+    assert server.args[len(base) :][:3] == ["--enable_grpc", "true", "--grpc_port"]
+    assert len(server.args) == len(base) + 4
     assert not [k for k in server.env if k.startswith("VLLM_")]
 
 

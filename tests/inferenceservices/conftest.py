@@ -23,6 +23,7 @@ TARGETS = {
     "gpu-1x-awq": KUSTOMIZE_ROOT / "overlays" / "gpu-1x-awq",
     "gpu-1x-stream": KUSTOMIZE_ROOT / "overlays" / "gpu-1x-stream",
     "lora": KUSTOMIZE_ROOT / "overlays" / "lora",
+    "grpc": KUSTOMIZE_ROOT / "overlays" / "grpc",
 }
 CRD_DIR = manifests.CRD_DIR  # the vendored CRDs (inferenceservices/crds/SOURCES.md names their commits)
 

@@ -127,6 +127,7 @@ for argv in json.load(sys.stdin):
         continue
     v = s.engine
     out.append({"model_name": s.kserve.model_name, "http_port": s.kserve.http_port, "model": v.model,
+                "grpc": [s.kserve.enable_grpc, s.kserve.grpc_port],
                 "tp": v.tensor_parallel_size, "max_model_len": v.max_model_len, "dtype": v.dtype,
                 "load_format": v.load_format})
 print("RESULT" + json.dumps(out))
@@ -139,7 +140,12 @@ def _container_argv(objs: list[dict[str, Any]], models: Path, name: str | None =
     isvcs = [o for o in objs if o["kind"] == "InferenceService" and name in (None, o["metadata"]["name"])]
     assert len(isvcs) == 1, name
     isvc = isvcs[0]
-    runtime = one(objs, "ClusterServingRuntime")["spec"]["containers"][0]
+    wanted = isvc["spec"]["predictor"]["model"]["runtime"]
+    (runtime,) = [
+        o["spec"]["containers"][0]
+        for o in objs
+        if o["kind"] == "ClusterServingRuntime" and o["metadata"]["name"] == wanted
+    ]
     name = isvc["metadata"]["name"]
     argv = [a.replace("{{.Name}}", name) for a in runtime["args"]] + isvc["spec"]["predictor"]["model"][
         "args"
@@ -162,6 +168,7 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
         "spot-batch:llm",
         "spot-batch:llm-spot",
         "gpu-1x-stream",
+        "grpc",
     ]
     argvs = [
         _container_argv(built[t.partition(":")[0]], models, t.partition(":")[2] or None) for t in targets
@@ -181,8 +188,10 @@ def test_runtime_and_engine_flags_parse_with_the_real_parser(
     # The streaming overlay's model is its bucket, which vLLM reads itself (no /mnt/models).
     stream = by_target.pop("gpu-1x-stream")
     assert stream["model"] == "s3://models/qwen2.5-7b-instruct" and stream["load_format"] == "runai_streamer"
+    assert by_target["grpc"]["http_port"] == 8082 and by_target["grpc"]["grpc"] == [True, 8080]
     for target, parsed in by_target.items():
-        assert parsed["http_port"] == 8080 and parsed["model"] == str(models), target
+        assert parsed["http_port"] == (8082 if target == "grpc" else 8080), target
+        assert parsed["model"] == str(models) and parsed["grpc"][0] == (target == "grpc"), target
         assert parsed["model_name"] == "llm", target
     assert by_target["gpu-4x"]["tp"] == 4 and by_target["gpu-1x"]["tp"] == 1
     assert by_target["gpu-4x"]["max_model_len"] == 16384

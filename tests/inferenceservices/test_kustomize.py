@@ -37,6 +37,8 @@ def test_builds_and_validates(built: dict[str, list[dict[str, Any]]], target: st
         expected = ["ClusterServingRuntime", "InferenceService", "InferenceService", "Trigger", "Trigger"]
     if target == "lora":
         expected = ["ClusterServingRuntime", "InferenceService", "Job", "PersistentVolumeClaim", "Trigger"]
+    if target == "grpc":  # the base runtime and its own
+        expected = ["ClusterServingRuntime", "ClusterServingRuntime", "InferenceService"]
     assert kinds == expected
     for obj in objs:
         assert manifests.validate(obj, CRD_DIR) == [], obj["kind"]
@@ -56,7 +58,7 @@ def check_scale_to_zero(isvc: dict[str, Any]) -> None:
     assert pred["maxReplicas"] >= 1
     assert pred["scaleMetric"] == "concurrency"
     assert 0 < pred["scaleTarget"] <= pred["containerConcurrency"]
-    assert pred["model"]["runtime"] == "evllm"
+    assert pred["model"]["runtime"] == RUNTIME.get(target, "evllm")
     # Cold-start knobs are present and explicit strings, as Knative's annotations must be.
     for key in (
         "serving.knative.dev/progress-deadline",
@@ -153,7 +155,12 @@ def test_lora_serves_adapters_from_the_volume_and_a_uri_and_routes_one(
     assert trigger["spec"]["subscriber"]["uri"] == "/events"
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
+# The grpc overlay ships its own runtime (a gRPC container): test_grpc_overlay.
+HTTP_TARGETS = sorted(set(TARGETS) - {"grpc"})
+RUNTIME = {"grpc": "evllm-grpc"}
+
+
+@pytest.mark.parametrize("target", HTTP_TARGETS)
 def test_runtime_container(built: dict[str, list[dict[str, Any]]], target: str) -> None:
     rt = one(built[target], "ClusterServingRuntime")
     spec = rt["spec"]
@@ -273,3 +280,25 @@ def test_stream_overlay_reads_the_bucket_itself(built: dict[str, list[dict[str, 
     args = flags(model["args"])
     assert args["load-format"] == "runai_streamer" and args["model_dir"].startswith("s3://")
     assert flags(predictor(built["gpu-1x"])["model"]["args"]).items() - args.items() == set()
+
+
+def test_grpc_overlay_routes_grpc_on_one_h2c_port(built: dict[str, list[dict[str, Any]]]) -> None:
+    """Knative routes one port per container: the grpc overlay's runtime names it h2c and serves gRPC
+    there; the HTTP server moves to 8082 in the pod, where the probes reach it from inside."""
+    objs = built["grpc"]
+    isvc = one(objs, "InferenceService")
+    (rt,) = [
+        o for o in objs if o["kind"] == "ClusterServingRuntime" and o["metadata"]["name"] == "evllm-grpc"
+    ]
+    assert rt["spec"]["protocolVersions"] == ["grpc-v2"]
+    assert isvc["spec"]["predictor"]["model"]["protocolVersion"] == "grpc-v2"
+    (container,) = rt["spec"]["containers"]
+    assert container["ports"] == [{"containerPort": 8080, "name": "h2c", "protocol": "TCP"}]
+    assert container["args"][-3:] == ["--http_port=8082", "--enable_grpc=true", "--grpc_port=8080"]
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == "evllm-grpc"
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        assert "httpGet" not in container[probe]
+        assert f"http://127.0.0.1:8082{path}" in container[probe]["exec"]["command"][-1]
+    # The base (HTTP) runtime comes along unchanged: HTTP overlays keep using it.
+    (base,) = [o for o in objs if o["kind"] == "ClusterServingRuntime" and o["metadata"]["name"] == "evllm"]
+    assert base == one(built["gpu-1x"], "ClusterServingRuntime")

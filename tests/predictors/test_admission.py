@@ -137,7 +137,8 @@ def test_get_is_not_admitted_and_kserve_routes_we_do_not_offer_are_404():
             await eventually(lambda: s.admission.in_flight == 1)
             assert (await c.get(f"/v2/models/{MODEL_NAME}")).status_code == 200
             assert (await c.get("/v2")).status_code == 200
-            # KServe would unload our only model, or answer 501 for versions: 404 here, even when full.
+            # KServe would unload our only model, or answer 501 for versions: 404 here, even when full (version 1,
+            # the model's one version, is served: test_conformance).
             for method, path in (
                 ("POST", f"/v2/repository/models/{MODEL_NAME}/unload"),
                 ("POST", f"/v2/repository/models/{MODEL_NAME}/load"),
@@ -150,7 +151,7 @@ def test_get_is_not_admitted_and_kserve_routes_we_do_not_offer_are_404():
             ):
                 r = await c.request(method, path, json={})
                 assert r.status_code == 404, (method, path, r.status_code, r.text)
-                assert "disabled" in r.json()["error"] or "versions are not supported" in r.json()["error"]
+                assert "disabled" in r.json()["error"] or "serves version 1" in r.json()["error"]
             assert (await held).status_code == 200
             # The model is still there and serving.
             assert (await c.get(f"/v2/models/{MODEL_NAME}/ready")).status_code == 200

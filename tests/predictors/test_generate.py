@@ -14,9 +14,13 @@ import pytest
 
 from tests import inprocess
 from tests.conftest import REFERENCE_MAX_TOKENS, REFERENCE_PROMPTS
+from tests.inprocess import fake_logprob
 from tests.predictors.harness import MODEL_NAME, refused, sse
 
 GREEDY = {"max_tokens": REFERENCE_MAX_TOKENS, "temperature": 0}
+
+
+VERSION = {"model_name": MODEL_NAME, "model_version": "1"}
 
 
 def test_generate_answers_with_text_reason_and_token_counts():
@@ -28,13 +32,21 @@ def test_generate_answers_with_text_reason_and_token_counts():
                 headers={"x-request-id": "gen-1"},
             )
             assert r.status_code == 200, r.text
+            # details: the engine's logprob of each sampled token (the spec's Token).
             assert r.json() == {
                 "model_name": MODEL_NAME,
+                "model_version": "1",
                 "text_output": "HE",
                 "finish_reason": "length",
                 "prompt_tokens": 5,
                 "completion_tokens": 2,
-                "details": {"finish_reason": "length", "logprobs": []},
+                "details": {
+                    "finish_reason": "length",
+                    "logprobs": [
+                        {"id": ord("H"), "text": "H", "logprob": fake_logprob(0), "special": False},
+                        {"id": ord("E"), "text": "E", "logprob": fake_logprob(1), "special": False},
+                    ],
+                },
             }
             r = await c.post(f"/v2/models/{MODEL_NAME}/generate", json={"text_input": "Hi", "id": "x"})
             assert r.json()["finish_reason"] == "eos_token" and "details" not in r.json()
@@ -56,9 +68,9 @@ def test_generate_stream_sends_one_event_per_delta():
             assert r.headers["content-type"].startswith("text/event-stream")
             events = sse(r.text)
             assert events == [
-                {"model_name": MODEL_NAME, "text_output": "H", "finish_reason": None},
-                {"model_name": MODEL_NAME, "text_output": "E", "finish_reason": None},
-                {"model_name": MODEL_NAME, "text_output": "L", "finish_reason": "length", "prompt_tokens": 5,
+                {**VERSION, "text_output": "H", "finish_reason": None},
+                {**VERSION, "text_output": "E", "finish_reason": None},
+                {**VERSION, "text_output": "L", "finish_reason": "length", "prompt_tokens": 5,
                  "completion_tokens": 3},
             ]  # fmt: skip
             assert s.engine.fake.requests == ["stream-1"]

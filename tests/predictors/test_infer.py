@@ -134,7 +134,7 @@ def _text(
         ({"inputs": [_text(["a"], shape=[1, 2])]}, "shape [N] or [N, 1]"),
         ({"inputs": [_text([], shape=[0])]}, "N >= 1"),
         ({"inputs": [_text(["a"], name="prompt")]}, "named 'text_input'"),
-        ({"inputs": [_text(["a"]), _text(["b"])]}, "exactly one input"),
+        ({"inputs": [_text(["a"]), _text(["b"])]}, "appears twice"),
         ({"inputs": [_text([""])]}, "prompt 0 is empty"),
         ({"inputs": [_text([5])]}, "text_input[0] must be a string"),
         ({"inputs": [_text(["a"])], "parameters": {"temperature": "hot"}}, "parameters.temperature"),
@@ -291,3 +291,34 @@ def test_v1_predict_matches_offline(server, offline_reference):
     assert second["completion_tokens"] == 4 and second["finish_reason"] == "length"
     # A per-instance max_tokens of 4 is a prefix of the 16-token greedy answer.
     assert offline_reference[1]["text"].startswith(second["text_output"])
+
+
+def test_lean_json_path_answers_as_kserves_decoding_does():
+    """Plain JSON requests skip KServe's pydantic models and InferRequest/InferResponse (the lean path);
+    anything else (here: tensor parameters) goes through KServe's decoding. Same answers either way,
+    requested outputs included."""
+    plain = {**v2_body(["Hello", "Hi"], {"max_tokens": 3}), "id": "x1"}
+    plain["outputs"] = [{"name": "text_output"}, {"name": "completion_tokens"}]
+    unusual = json.loads(json.dumps(plain))
+    unusual["inputs"][0]["parameters"] = {"note": "kserve path"}
+
+    async def main() -> None:
+        async with inprocess.server() as s, s.client() as c:
+            a = await c.post(f"/v2/models/{MODEL_NAME}/infer", json=plain)
+            b = await c.post(f"/v2/models/{MODEL_NAME}/infer", json=unusual)
+            assert a.status_code == b.status_code == 200, (a.text, b.text)
+            assert (
+                a.json()
+                == b.json()
+                == {
+                    "id": "x1",
+                    "model_name": MODEL_NAME,
+                    "model_version": "1",
+                    "outputs": [
+                        {"name": "text_output", "shape": [2], "datatype": "BYTES", "data": ["HEL", "HI"]},
+                        {"name": "completion_tokens", "shape": [2], "datatype": "INT32", "data": [3, 2]},
+                    ],
+                }
+            )
+
+    asyncio.run(main())
