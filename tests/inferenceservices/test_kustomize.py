@@ -47,10 +47,10 @@ def test_builds_and_validates(built: dict[str, list[dict[str, Any]]], target: st
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_scale_to_zero_in_knative_mode(built: dict[str, list[dict[str, Any]]], target: str) -> None:
     for isvc in every(built[target], "InferenceService"):
-        check_scale_to_zero(isvc)
+        check_scale_to_zero(isvc, RUNTIME.get(target, "evllm"))
 
 
-def check_scale_to_zero(isvc: dict[str, Any]) -> None:
+def check_scale_to_zero(isvc: dict[str, Any], runtime: str = "evllm") -> None:
     ann = isvc["metadata"]["annotations"]
     pred = isvc["spec"]["predictor"]
     assert ann["serving.kserve.io/deploymentMode"] == "Knative"
@@ -58,7 +58,7 @@ def check_scale_to_zero(isvc: dict[str, Any]) -> None:
     assert pred["maxReplicas"] >= 1
     assert pred["scaleMetric"] == "concurrency"
     assert 0 < pred["scaleTarget"] <= pred["containerConcurrency"]
-    assert pred["model"]["runtime"] == RUNTIME.get(target, "evllm")
+    assert pred["model"]["runtime"] == runtime
     # Cold-start knobs are present and explicit strings, as Knative's annotations must be.
     for key in (
         "serving.knative.dev/progress-deadline",
