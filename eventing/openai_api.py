@@ -170,9 +170,8 @@ def router(handlers: Handlers, model_name: str) -> APIRouter:
         limit = _limit(request)
         if after is not None:
             await file_or_404(after)
-        items, more = await asyncio.to_thread(store().list_files, after, limit)
-        items = [_public(f) for f in items if purpose is None or f["purpose"] == purpose]
-        return JSONResponse(_page(items, more))
+        items, more = await asyncio.to_thread(store().list_files, after, limit, purpose)
+        return JSONResponse(_page([_public(f) for f in items], more))
 
     @api.get(FILES_PATH + "/{file_id}")
     @openai_errors

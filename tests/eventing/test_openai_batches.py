@@ -122,6 +122,11 @@ def test_full_flow_upload_create_poll_download_list(tmp_path: Path) -> None:
             # The input file is still the user's: content, list, delete.
             assert (await client.files.content(f.id)).content == jsonl(10)
             assert f.id in [x.id async for x in client.files.list()]
+            # A purpose filter still fills its page: the newer output file does not take the slot.
+            page = await client.files.list(purpose="batch", limit=1)
+            assert [x.id for x in page.data] == [f.id] and not page.has_more
+            page = await client.files.list(purpose="batch_output", limit=1)
+            assert [x.id for x in page.data] == [done.output_file_id] and not page.has_more
             deleted = await client.files.delete(f.id)
             assert deleted.deleted and deleted.id == f.id
             with pytest.raises(openai.NotFoundError):
