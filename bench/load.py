@@ -37,6 +37,8 @@ class Protocol:
     bodies: list[bytes]
     tokens: Callable[[Any], int]  # decoded response -> completion tokens
     grpc: bool = False  # bodies are serialized ModelInferRequests, sent to `grpc_target`
+    headers: dict[str, str] | None = None  # HTTP headers (default: JSON)
+    raw: bool = False  # `tokens` gets the response bytes, not parsed JSON
 
 
 def openai_completions(prefix: str, model: str) -> Protocol:
@@ -69,6 +71,39 @@ def v2_infer(model: str) -> Protocol:
         return int(out["data"][0])
 
     return Protocol("v2-infer", f"/v2/models/{model}/infer", bodies, tokens)
+
+
+def v2_infer_binary(model: str) -> Protocol:
+    """V2 infer with the binary tensor extension both ways: the prompt as raw BYTES after the JSON header
+    (4-byte length + UTF-8) and `binary_data_output`, so every output comes back raw too."""
+    params = {"max_tokens": OUTPUT_TOKENS, "temperature": 0.0, "ignore_eos": True, "binary_data_output": True}
+    bodies, lengths = [], []
+    for p in PROMPTS:
+        data = len(p.encode()).to_bytes(4, "little") + p.encode()
+        tensor = {"name": "text_input", "datatype": "BYTES", "shape": [1],
+                  "parameters": {"binary_data_size": len(data)}}  # fmt: skip
+        header = json.dumps({"inputs": [tensor], "parameters": params}).encode()
+        bodies.append(header + data)
+        lengths.append(len(header))
+    # One header length for every body would be wrong: each body carries its own (sent per request).
+    if len(set(lengths)) != 1:
+        width = max(lengths)
+        bodies = [b[:n] + b" " * (width - n) + b[n:] for b, n in zip(bodies, lengths, strict=True)]
+    headers = {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(max(lengths)),
+    }
+
+    def tokens(raw: bytes) -> int:
+        header, offset = json.JSONDecoder().raw_decode(raw.decode("latin-1"))
+        for out in header["outputs"]:
+            size = int(out["parameters"]["binary_data_size"])
+            if out["name"] == "completion_tokens":
+                return int.from_bytes(raw[offset : offset + 4], "little", signed=True)
+            offset += size
+        raise KeyError("completion_tokens")
+
+    return Protocol("v2-infer-binary", f"/v2/models/{model}/infer", bodies, tokens, headers=headers, raw=True)
 
 
 def v2_generate(model: str) -> Protocol:
@@ -142,7 +177,7 @@ async def closed_loop(
 
         channel = grpc.aio.insecure_channel(base_url)
         call = channel.unary_unary(proto.path)
-    headers = {"content-type": "application/json"}
+    headers = proto.headers or {"content-type": "application/json"}
     latencies: list[float] = []
     tokens = 0
     errors = 0
@@ -178,7 +213,7 @@ async def closed_loop(
                 if errors == 1:
                     print(f"  ! {proto.name}: HTTP {status}: {raw[:300]!r}", flush=True)
                 continue
-            n = proto.tokens(raw if proto.grpc else json.loads(raw))
+            n = proto.tokens(raw if proto.grpc or proto.raw else json.loads(raw))
             if n != OUTPUT_TOKENS:
                 raise RuntimeError(f"{proto.name}: {n} completion tokens, expected {OUTPUT_TOKENS}")
             latencies.append(t1 - t0)

@@ -12,6 +12,7 @@ SERIES = [
     ("vllm", "openai"),
     ("evllm", "openai"),
     ("evllm", "v2-infer"),
+    ("evllm", "v2-infer-binary"),
     ("evllm", "v2-generate"),
     ("evllm", "v2-grpc"),
 ]
@@ -19,6 +20,7 @@ LABEL = {
     ("vllm", "openai"): "vllm serve OpenAI",
     ("evllm", "openai"): "evllm OpenAI",
     ("evllm", "v2-infer"): "evllm V2 infer",
+    ("evllm", "v2-infer-binary"): "evllm V2 infer, binary tensors",
     ("evllm", "v2-generate"): "evllm V2 generate",
     ("evllm", "v2-grpc"): "evllm V2 infer over gRPC",
 }

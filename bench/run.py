@@ -15,7 +15,15 @@ from typing import Any
 from predictors.demo_model import ADAPTER_RANK, ensure_demo_adapter, ensure_demo_model
 
 from . import batchjobs, coldstart
-from .load import lora_completions, openai_completions, run_load, v2_generate, v2_grpc, v2_infer
+from .load import (
+    lora_completions,
+    openai_completions,
+    run_load,
+    v2_generate,
+    v2_grpc,
+    v2_infer,
+    v2_infer_binary,
+)
 from .servers import ADAPTER, MODEL_NAME, Attached, Server, engine_lock, run_batch, running, work_dir
 
 
@@ -150,7 +158,7 @@ class Bench:
     def online(self, rep: int, srv: Server | Attached) -> None:
         protos = [openai_completions(srv.openai_prefix, MODEL_NAME)]
         if srv.kind == "evllm":
-            protos += [v2_infer(MODEL_NAME), v2_generate(MODEL_NAME)]
+            protos += [v2_infer(MODEL_NAME), v2_infer_binary(MODEL_NAME), v2_generate(MODEL_NAME)]
             if srv.grpc_target is not None:
                 protos.append(v2_grpc(MODEL_NAME))
         for c in self.cfg.concurrencies:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Engine
-from .errors import InvalidInput, ModelNotFound
+from .errors import InvalidInput, ModelNotFound, NotReady
 from .limits import Limits
 from .openai import OpenAIServer
 from .sampling import GenerateParameters, to_sampling_params
@@ -70,6 +70,7 @@ class DataPlane:
         self.online_changed = asyncio.Event()
         self._sampling_defaults: dict[str, Any] | None = None
         self.limits = Limits()  # the server replaces it with the configured one
+        self.started = False  # the engine and vLLM's OpenAI serving state are up
         # Called with the AsyncLLM once it exists (metrics and limits wrap its generate).
         self.engine_hooks: list[Callable[[Any], None]] = []
         # Called with an adapter's name once it is loaded at runtime (metrics create its series).
@@ -80,12 +81,21 @@ class DataPlane:
         for hook in self.engine_hooks:
             hook(self.engine.client)
         await self.openai.start()
+        # Ready only now: with the engine up but vLLM's serving state not yet built (adapters loading),
+        # an OpenAI request would find no handler.
+        self.started = True
         if self.engine.timeline is not None:
             self.engine.timeline.end("http_ready")
 
     @property
     def ready(self) -> bool:
-        return self.engine.ready
+        return self.started and self.engine.ready
+
+    def check_ready(self) -> None:
+        """NotReady (503) unless every protocol can answer."""
+        self.engine.check_ready()
+        if not self.started:
+            raise NotReady("Engine is starting, retry later.")
 
     # Model names: the base model and its LoRA adapters -------------------------------------------
     def model_names(self) -> list[str]:

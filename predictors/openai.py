@@ -9,12 +9,34 @@ in-process through `OpenAIServer.call`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .engine import Engine
+from .errors import NotReady, error_response
+
+
+class StartedGate:
+    """The OpenAI sub-app behind the data plane's readiness: a JSON 503 until vLLM's serving state exists
+    (its handlers fail with a 500 before) and while the engine is dead or draining."""
+
+    def __init__(self, app: ASGIApp, check_ready: Callable[[], None]) -> None:
+        self.app = app
+        self.check_ready = check_ready
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                self.check_ready()
+            except NotReady as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
 
 # The URLs `OpenAIServer.call` runs in-process (the OpenAI batch line's `url` vocabulary).
 CALL_URLS = ("/v1/completions", "/v1/chat/completions")

@@ -259,6 +259,7 @@ def assemble(
         Observe,
         OnlineLoad,
     )
+    from .openai import StartedGate
 
     policies = Policies.of([p for e in extensions for p in e.policies(settings.extensions[e.title])])
     admission = Admission(settings.server.max_concurrent_requests, settings.server.retry_after_seconds)
@@ -284,7 +285,7 @@ def assemble(
     app.include_router(generate.router(dataplane))
     # Before the OpenAI mount, which would otherwise take these paths.
     app.include_router(adapters.router(adapters.Adapters(dataplane, settings.server.cache_dir)))
-    app.mount("/openai", dataplane.openai.app)
+    app.mount("/openai", StartedGate(dataplane.openai.app, dataplane.check_ready))
     for ext in extensions:
         ext.attach(app, dataplane, settings.extensions[ext.title])
     install_openapi(app, dataplane.openai.app)

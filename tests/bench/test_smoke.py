@@ -29,7 +29,7 @@ from tests import inprocess
 from tests.eventing.fakes import openai_through_engine
 from tests.server import ROOT, free_port
 
-PROTOCOLS = ("openai", "v2-infer", "v2-generate")
+PROTOCOLS = ("openai", "v2-infer", "v2-infer-binary", "v2-generate")
 
 
 def bench_args(url: str, storage: Path, out: Path, concurrency: list[int], duration: float) -> list[str]:
@@ -66,7 +66,7 @@ def check_report(
     assert "| evllm-http |" in md
     assert "## Cold start" not in md and "| evllm+start |" not in md  # no cold start was measured
     labels = {"openai": "evllm OpenAI", "v2-infer": "evllm V2 infer", "v2-generate": "evllm V2 generate",
-              "v2-grpc": "evllm V2 infer over gRPC"}  # fmt: skip
+              "v2-infer-binary": "evllm V2 infer, binary tensors", "v2-grpc": "evllm V2 infer over gRPC"}  # fmt: skip
     for protocol in protocols:
         assert f"| {concurrency[0]} | {labels[protocol]} |" in md
     # The comparisons with vllm serve need its servers: reported as not measured, not as failures.

@@ -188,6 +188,37 @@ def test_liveness_answers_while_the_engine_starts(caplog: pytest.LogCaptureFixtu
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
 
 
+def test_not_ready_until_the_openai_serving_state_exists():
+    """The engine can be up while vLLM's serving state is still being built (adapters loading): readiness
+    stays false and OpenAI requests get a JSON 503, not the 500 of a missing handler."""
+
+    async def main() -> None:
+        async with inprocess.server(start=False) as s, s.client() as c:
+            opened = asyncio.Event()
+            release = asyncio.Event()
+            openai_start = s.openai.start
+
+            async def slow_openai_start() -> None:
+                opened.set()
+                await release.wait()
+                await openai_start()
+
+            s.openai.start = slow_openai_start  # type: ignore[method-assign]
+            starting = asyncio.ensure_future(s.dataplane.start())
+            await opened.wait()
+            assert s.engine.ready  # the engine is up ...
+            assert (await c.get(f"/v2/models/{MODEL_NAME}/ready")).status_code == 503  # ... the server not
+            r = await c.post("/openai/v1/completions", json={"model": MODEL_NAME, "prompt": "hi"})
+            assert r.status_code == 503 and r.json() == {"error": "Engine is starting, retry later."}
+            release.set()
+            await starting
+            assert (await c.get(f"/v2/models/{MODEL_NAME}/ready")).status_code == 200
+            r = await c.post("/openai/v1/completions", json={"model": MODEL_NAME, "prompt": "hi"})
+            assert r.status_code == 200
+
+    asyncio.run(main())
+
+
 def test_engine_death_is_503_and_not_ready():
     async def main() -> None:
         async with inprocess.server() as s, s.client() as c:
