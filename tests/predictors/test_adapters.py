@@ -327,6 +327,15 @@ def test_the_cpu_lora_fix_gives_base_rows_no_adapter_contribution() -> None:
                     add_inputs=True)  # fmt: skip
     assert expand.tolist() == [[0.0] * 3, [2.0] * 3]
     assert all(getattr(ops, k) is getattr(punica_cpu, k) for k in cpu_lora.KERNELS)
+    # The wrapper's index buffers are masked once per LoRA mapping, not per kernel call.
+    assert getattr(punica_cpu.PunicaWrapperCPU.update_metadata, "evllm_fixed", False)
+    buffer = torch.tensor([0, -1, 0, 7])
+    cpu_lora.BASE_ROWS.refresh(buffer[:3])
+    assert cpu_lora.BASE_ROWS(buffer[:3]).tolist() == [False, True, False]  # the announced view
+    assert cpu_lora.BASE_ROWS(buffer[:1]) is None  # another view: computed on the spot (no base row)
+    once = torch.zeros(3, 2)
+    punica_cpu.bgmv_shrink(torch.ones(3, 3), weights, once, buffer[:3])
+    assert once.tolist() == [[3.0, 3.0], [0.0, 0.0], [3.0, 3.0]]
 
 
 def test_lora_on_cpu_loads_the_fix_into_the_engine(tmp_path: Path) -> None:
