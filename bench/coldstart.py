@@ -10,17 +10,14 @@ reload fix, registered when evllm is installed in the same environment) out of i
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from predictors.startup import PHASES, EngineLog, Timeline
 
-from .servers import MODEL_NAME, ROOT, Server, engine_lock, running
+from .servers import MODEL_NAME, Server, engine_lock, running, timed_run
 
 EVLLM_PHASE = re.compile(r"startup phase (\w+) took ([0-9.]+) s")
 VLLM_FRONT = (("imports", "(APIServer pid="), ("settings", "non-default args"))
@@ -50,15 +47,7 @@ def prepare(model_dir: Path, engine_args: list[str], env: dict[str, str], log_di
     """`evllm prepare` with serve's flags: seconds, process start to exit."""
     cmd = [sys.executable, "-m", "evllm", "prepare", "--model_name", MODEL_NAME, "--model_dir", str(model_dir),
            *engine_args]  # fmt: skip
-    log_path = log_dir / "evllm-prepare.log"
-    with engine_lock(), open(log_path, "ab") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log)
-        elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        raise RuntimeError(f"evllm prepare exited with {proc.returncode}:\n{tail}")
-    return elapsed
+    return timed_run("evllm prepare", cmd, env, log_dir / "evllm-prepare.log")
 
 
 def measure(bench: Any, rep: int) -> list[dict[str, Any]]:

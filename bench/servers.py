@@ -186,14 +186,18 @@ def run_batch(
     """`vllm run-batch` end to end (process start to exit, engine start included): seconds."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(inp), "-o", str(out),
            "--model", str(model_dir), "--served-model-name", MODEL_NAME, *engine_args]  # fmt: skip
-    log_path = log_dir / f"run_batch-{inp.stem}.log"
+    return timed_run("run_batch", cmd, env, log_dir / f"run_batch-{inp.stem}.log")
+
+
+def timed_run(what: str, cmd: list[str], env: dict[str, str], log_path: Path) -> float:
+    """Run an engine-starting command to its end under the engine lock, output to ``log_path``: seconds."""
     with engine_lock(), open(log_path, "ab") as log:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log)
         elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        raise RuntimeError(f"run_batch exited with {proc.returncode}:\n{tail}")
+        raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail}")
     return elapsed
 
 

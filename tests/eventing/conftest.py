@@ -10,6 +10,8 @@ from typing import Any
 import fsspec
 import pytest
 
+from tests.conftest import Broker
+
 from .s3server import FaultyProxy, create_bucket, isolated_env, moto_server, s3_options
 
 BUCKET = "evllm"
@@ -48,3 +50,15 @@ def proxy(s3: S3) -> Iterator[FaultyProxy]:
     yield s3.proxy
     s3.proxy.fraction = 0.0
     s3.proxy.outage(0)
+
+
+@pytest.fixture
+def k_sink(monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
+    """A K_SINK that records what the server emits (chunk events); the test plays the Trigger."""
+    b = Broker()
+    b.forward = False
+    b.thread.start()
+    monkeypatch.setenv("K_SINK", b.url)
+    yield b
+    b.server.shutdown()
+    b.server.server_close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +74,6 @@ def completion_lines(prompts: list[str], max_tokens: int = 4) -> list[dict[str, 
     return [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
              "body": {"model": "demo", "prompt": p, "max_tokens": max_tokens}}
             for i, p in enumerate(prompts)]  # fmt: skip
-
-
-@pytest.fixture
-def k_sink(monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
-    """A K_SINK that records what the server emits (the test delivers chunks itself)."""
-    b = Broker()
-    b.forward = False
-    b.thread.start()
-    monkeypatch.setenv("K_SINK", b.url)
-    yield b
-    b.server.shutdown()
-    b.server.server_close()
 
 
 async def wait_for(path: Path, timeout: float = 10.0) -> None:

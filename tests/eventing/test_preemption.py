@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +34,6 @@ from .fakes import openai_through_engine
 
 LINES, CHUNK = 12, 6
 GRACE = 0.2  # seconds; a chunk below takes ~1.2 s (24 tokens x 0.05 s, its lines concurrently)
-
-
-@pytest.fixture
-def k_sink(monkeypatch: pytest.MonkeyPatch) -> Iterator[Broker]:
-    """K_SINK records the chunk events; the test plays the Trigger that delivers them."""
-    b = Broker()
-    b.forward = False
-    b.thread.start()
-    monkeypatch.setenv("K_SINK", b.url)
-    yield b
-    b.server.shutdown()
-    b.server.server_close()
 
 
 def replica(root: Path) -> Any:
