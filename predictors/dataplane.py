@@ -61,6 +61,20 @@ class Delta:
     cumulative_logprob: float | None = None  # of everything generated so far
 
 
+def _fields(out: Any) -> tuple[str, list[int], str | None, int, list[Any] | None, float | None]:
+    """A RequestOutput's first completion as Generation's (and Delta's) fields."""
+    o = out.outputs[0]
+    logprobs = None if o.logprobs is None else list(o.logprobs)
+    return (
+        o.text,
+        list(o.token_ids),
+        finish_reason(o),
+        len(out.prompt_token_ids or ()),
+        logprobs,
+        o.cumulative_logprob,
+    )
+
+
 class DataPlane:
     def __init__(self, engine: Engine, model_name: str, openai: OpenAIServer | None = None):
         self.engine = engine
@@ -111,7 +125,7 @@ class DataPlane:
 
     def check_model(self, name: str) -> None:
         """ModelNotFound (404, naming the served models) unless ``name`` is served here."""
-        if name not in self.model_names():
+        if name != self.model_name and name not in self.model_names():
             raise self.not_found(name)
 
     def lora_request(self, name: str | None) -> Any:
@@ -204,15 +218,7 @@ class DataPlane:
             ):
                 final = out
             assert final is not None
-            o = final.outputs[0]
-            return Generation(
-                o.text,
-                list(o.token_ids),
-                finish_reason(o),
-                len(final.prompt_token_ids or ()),
-                None if o.logprobs is None else list(o.logprobs),
-                o.cumulative_logprob,
-            )
+            return Generation(*_fields(final))
 
         if len(inputs) == 1:  # the common case: no task to schedule
             return [await one(0, inputs[0])]
@@ -253,15 +259,7 @@ class DataPlane:
             async for out in self.engine.generate(
                 engine_input, sp, rid, priority=priority, lora_request=lora
             ):
-                o = out.outputs[0]
-                yield Delta(
-                    o.text,
-                    list(o.token_ids),
-                    finish_reason(o),
-                    len(out.prompt_token_ids or ()),
-                    None if o.logprobs is None else list(o.logprobs),
-                    o.cumulative_logprob,
-                )
+                yield Delta(*_fields(out))
 
         return stream()
 
