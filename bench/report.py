@@ -38,12 +38,29 @@ def _online(results: dict[str, Any]) -> dict[tuple[str, str, int], list[dict[str
     return by
 
 
+def _baseline(base_rows: list[dict[str, Any]], row: dict[str, Any], metric: str) -> float:
+    """vllm serve's `metric` beside `row` (same repeat and concurrency): the mean of the vllm serve windows
+    just before and just after it; for results without window numbers (sessions, older runs), the mean of
+    the repeat's vllm serve windows."""
+    same = [b for b in base_rows if b["repeat"] == row["repeat"] and b[metric]]
+    if "window" in row and all("window" in b for b in same):
+        before = [b for b in same if b["window"] < row["window"]]
+        after = [b for b in same if b["window"] > row["window"]]
+        same = [max(before, key=lambda b: b["window"])] if before else []
+        same += [min(after, key=lambda b: b["window"])] if after else []
+    return statistics.fmean(b[metric] for b in same) if same else float("nan")
+
+
+def ratios(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]], metric: str) -> list[float]:
+    """Each window's `metric` over vllm serve's beside it, in window order."""
+    ordered = sorted(rows, key=lambda r: (r["repeat"], r.get("window", 0)))
+    return [r[metric] / _baseline(base_rows, r, metric) for r in ordered]
+
+
 def ratio(results: dict[str, Any], key: tuple[str, str], c: int, metric: str) -> float:
-    """Median over repeats of (series / vllm serve OpenAI) in the same repeat."""
+    """Median over windows of (series / vllm serve OpenAI beside it)."""
     by = _online(results)
-    base = {r["repeat"]: r[metric] for r in by[("vllm", "openai", c)]}
-    xs = [r[metric] / base[r["repeat"]] for r in by[(*key, c)] if base.get(r["repeat"])]
-    return med(xs)
+    return med(ratios(by[(*key, c)], by[("vllm", "openai", c)], metric))
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
@@ -58,8 +75,12 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "concurrency": c, "series": LABEL[key], "repeats": len(rows),
                 **{m: med([r[m] for r in rows]) for m in ("req_s", "tok_s", "p50", "p95", "p99")},
                 "errors": sum(r["errors"] for r in rows),
-                "tok_ratio": ratio(results, key, c, "tok_s"),
-                "p50_ratio": ratio(results, key, c, "p50"),
+                **({f"{m}_ratio": 1.0 for m in ("tok", "p50", "p99")} if key == ("vllm", "openai") else {
+                    "tok_ratio": ratio(results, key, c, "tok_s"),
+                    "p50_ratio": ratio(results, key, c, "p50"),
+                    "p99_ratio": ratio(results, key, c, "p99"),
+                }),
+                "tok_ratios": ratios(rows, by[("vllm", "openai", c)], "tok_s") if key[0] != "vllm" else [],
             })  # fmt: skip
     # Batch: end-to-end and marginal rates, per repeat, then medians.
     cfg = results["config"]
@@ -120,25 +141,22 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "repeats": len(cs["evllm"]),
         }
     s["startup"] = startup(results.get("startup", []))
-    # LoRA: evllm / vllm serve throughput with the same LoRA flags, per repeat.
-    lora: dict[int, dict[str, Any]] = defaultdict(dict)
-    for r in results.get("lora", []):
-        lora[r["repeat"]][r["server"]] = r
-    lp = [
-        (v["vllm"], v["evllm"]) for v in lora.values() if "vllm" in v and "evllm" in v and v["vllm"]["tok_s"]
-    ]
-    if lp:
+    # LoRA: evllm / vllm serve throughput with the same LoRA flags, each evllm window against vllm
+    # serve's beside it.
+    lora_rows = results.get("lora", [])
+    lv = [r for r in lora_rows if r["server"] == "vllm"]
+    le = [r for r in lora_rows if r["server"] == "evllm"]
+    if lv and le:
+        per = ratios(le, lv, "tok_s")
         s["lora"] = {
-            "concurrency": lp[0][1]["concurrency"],
-            **{
-                f"{k}_{m}": med([pair[i][m] for pair in lp])
-                for i, k in enumerate(("vllm", "evllm"))
-                for m in ("tok_s", "p50", "p95")
-            },
-            "errors": sum(v["errors"] + e["errors"] for v, e in lp),
-            "ratio": med([e["tok_s"] / v["tok_s"] for v, e in lp]),
-            "repeats": len(lp),
-        }
+            "concurrency": le[0]["concurrency"],
+            **{f"{k}_{m}": med([r[m] for r in rows]) for k, rows in (("vllm", lv), ("evllm", le))
+               for m in ("tok_s", "p50", "p95")},
+            "errors": sum(r["errors"] for r in lora_rows),
+            "ratio": med(per),
+            "ratios": per,
+            "repeats": len({r["repeat"] for r in le}),
+        }  # fmt: skip
     s["targets"] = targets(s, results)
     return s
 
@@ -197,6 +215,18 @@ def targets(s: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
     add(f"V2 generate / vllm OpenAI throughput, c={mid}", row and row["tok_ratio"], 1.15, True)
     row = _find(s, "evllm V2 infer", mid)
     add(f"V2 infer / vllm OpenAI throughput, c={mid}", row and row["tok_ratio"], 1.00, True)
+    for series in ("evllm V2 infer", "evllm V2 generate"):
+        row = _find(s, series, mid)
+        add(f"{series[6:]} p99 / vllm OpenAI p99, c={mid}", row and row["p99_ratio"], 1.2, False)
+        row = _find(s, series, 1)
+        add(f"{series[6:]} p50 / vllm OpenAI p50, c=1", row and row["p50_ratio"], 1.05, False)
+    binary, json_ = _find(s, "evllm V2 infer, binary tensors", mid), _find(s, "evllm V2 infer", mid)
+    add(
+        f"V2 infer binary / JSON throughput, c={mid}",
+        binary and json_ and binary["tok_ratio"] / json_["tok_ratio"],
+        1.00,
+        True,
+    )
     add("batch marginal tok/s / run-batch", s["batch"].get("marginal_ratio"), 0.95, True)
     add("online p95 under batch / idle", s["priority"].get("ratio"), 1.3, False)
     add("cold start evllm / vllm serve", s["cold_start"].get("ratio"), 1.05, False)
@@ -244,9 +274,10 @@ def markdown(results: dict[str, Any], s: dict[str, Any]) -> str:
             f"Model: the demo tiny Llama; engine args `{' '.join(cfg['engine_args'])}` on every engine "
             f"(+ `--scheduling-policy {cfg['vllm_policy']}` for vllm serve / run_batch, evllm's default), "
             f"env {cfg['env']}.",
-            load + f"{len({c['repeat'] for c in results['cold_start']})} "
-            "repeat(s), sessions alternated "
-            "vllm serve / evllm (A B A B); figures are medians, ratios are medians of per-repeat ratios.",
+            load + f"{len({c['repeat'] for c in results['cold_start']})} repeat(s). "
+            "Online and LoRA: vllm serve and evllm serve both up, one loaded at a time, every evllm window "
+            "between two vllm serve windows (A B A C A ...); a ratio divides an evllm window by the mean "
+            "of the vllm serve windows beside it; figures are medians over windows.",
         ]
     lines = [
         *head,
@@ -264,14 +295,16 @@ def markdown(results: dict[str, Any], s: dict[str, Any]) -> str:
         "",
         "## Online (closed loop)",
         "",
-        "| conc. | series | req/s | output tok/s | p50 ms | p95 ms | p99 ms | tok/s ÷ vllm | p50 ÷ vllm |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| conc. | series | req/s | output tok/s | p50 ms | p95 ms | p99 ms | tok/s ÷ vllm | p50 ÷ vllm "
+        "| p99 ÷ vllm | tok/s ÷ vllm, each window |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in s["online"]:
         lines.append(
             f"| {r['concurrency']} | {r['series']} | {_f(r['req_s'], '{:.1f}')} | {_f(r['tok_s'], '{:.0f}')} "
             f"| {_f(r['p50'] * 1e3, '{:.1f}')} | {_f(r['p95'] * 1e3, '{:.1f}')} | {_f(r['p99'] * 1e3, '{:.1f}')} "
-            f"| {_f(r['tok_ratio'])} | {_f(r['p50_ratio'])} |"
+            f"| {_f(r['tok_ratio'])} | {_f(r['p50_ratio'])} | {_f(r['p99_ratio'])} "
+            f"| {' '.join(_f(x) for x in r['tok_ratios'])} |"
         )
     b = s["batch"]
     if b:
@@ -367,7 +400,8 @@ def markdown(results: dict[str, Any], s: dict[str, Any]) -> str:
             *(f"| {name} | {_f(lo[k + '_tok_s'], '{:.0f}')} | {_f(lo[k + '_p50'] * 1e3, '{:.1f}')} | "
               f"{_f(lo[k + '_p95'] * 1e3, '{:.1f}')} |" for k, name in (("vllm", "vllm serve"), ("evllm", "evllm"))),
             "",
-            f"evllm / vllm serve throughput (median of per-repeat ratios): **{_f(lo['ratio'])}**; "
+            f"evllm / vllm serve throughput (median over evllm windows, each against the vllm serve windows "
+            f"beside it): **{_f(lo['ratio'])}** (each window: {' '.join(_f(x) for x in lo['ratios'])}); "
             f"errors: {lo['errors']}.",
         ]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from predictors.demo_model import ADAPTER_RANK, ensure_demo_adapter, ensure_demo
 
 from . import batchjobs, coldstart
 from .load import (
+    Protocol,
     lora_completions,
     openai_completions,
     run_load,
@@ -24,7 +25,7 @@ from .load import (
     v2_infer,
     v2_infer_binary,
 )
-from .servers import ADAPTER, MODEL_NAME, Attached, Server, engine_lock, run_batch, running, work_dir
+from .servers import ADAPTER, MODEL_NAME, Attached, Server, engine_lock, run_batch, work_dir
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Config:
     # LoRA: vllm serve and evllm serve both with the demo adapter (the same LoRA flags), OpenAI
     # completions spread over the base model and the adapter, at this concurrency.
     lora_concurrency: int = 16
+    lora_pairs: int = 3  # evllm LoRA windows per repeat, each between two vllm serve windows
     # Attach to an `evllm serve` already running at url instead of starting servers (no vllm serve,
     # run_batch or cold start); batch and priority jobs then live in `storage`, which must be inside
     # that server's --storage_roots.
@@ -60,7 +62,7 @@ class Config:
     def smoke(cls) -> Config:
         # No startup section: its five engine starts are most of a full run's (`--sections startup` runs it).
         return cls(repeats=1, concurrencies=[1, 4], warmup=0.5, duration=2.0, batch_big=40, batch_small=0,
-                   chunk_size=None, priority_lines=300, priority_concurrency=2,
+                   chunk_size=None, priority_lines=300, priority_concurrency=2, lora_pairs=1,
                    sections=("online", "batch", "run_batch", "priority", "lora"), lora_concurrency=4)  # fmt: skip
 
 
@@ -103,6 +105,7 @@ class Bench:
         else:  # the attached server reads inputs and writes outputs here (inside its storage roots)
             self.storage = Path(cfg.storage or self.work) / f"bench-{uuid.uuid4().hex[:8]}"
         self.storage.mkdir(parents=True)
+        self.seq = 0  # windows measured so far (their order pairs them in the report)
         self.results: dict[str, Any] = {
             "config": asdict(cfg),
             "machine": machine(),
@@ -134,15 +137,25 @@ class Bench:
             f"{ADAPTER}={adapter}",
         ]
 
-    def lora_session(self, rep: int, kind: str) -> None:
-        """One server with LoRA on: throughput over base + adapter traffic at `lora_concurrency`."""
-        srv = Server(kind, self.model_dir, self.engine_args(kind) + self.lora_args(), self.cfg.env, self.logs,
-                     self.storage)  # fmt: skip
-        with running(srv):
-            self.log(f"{kind} serve (LoRA) ready in {srv.cold_start:.1f}s")
-            proto = lora_completions(srv.openai_prefix, MODEL_NAME, ADAPTER)
-            res = run_load(srv.url, proto, self.cfg.lora_concurrency, self.cfg.warmup, self.cfg.duration)
-            self.results["lora"].append({"repeat": rep, "server": kind, **res.to_dict()})
+    def lora_sessions(self, rep: int) -> None:
+        """Both servers with LoRA on, windows paired as in `paired`: throughput over base + adapter
+        traffic at `lora_concurrency`, evllm's window between two of vllm serve's."""
+        vllm, evllm = (Server(kind, self.model_dir, self.engine_args(kind) + self.lora_args(), self.cfg.env,
+                              self.logs, self.storage) for kind in ("vllm", "evllm"))  # fmt: skip
+        try:
+            for srv in (vllm, evllm):
+                srv.start()
+                self.log(f"{srv.kind} serve (LoRA) ready in {srv.cold_start:.1f}s")
+            proto = lora_completions(evllm.openai_prefix, MODEL_NAME, ADAPTER)
+            base = lora_completions(vllm.openai_prefix, MODEL_NAME, ADAPTER)
+            c = self.cfg.lora_concurrency
+            self.window("lora", rep, vllm, base, c)
+            for _ in range(self.cfg.lora_pairs):
+                self.window("lora", rep, evllm, proto, c)
+                self.window("lora", rep, vllm, base, c)
+        finally:
+            evllm.stop()
+            vllm.stop()
         self.save()
 
     def save(self) -> None:
@@ -155,25 +168,64 @@ class Bench:
     def server(self, kind: str) -> Server:
         return Server(kind, self.model_dir, self.engine_args(kind), self.cfg.env, self.logs, self.storage)
 
-    def online(self, rep: int, srv: Server | Attached) -> None:
+    def protocols(self, srv: Server | Attached) -> list[Protocol]:
         protos = [openai_completions(srv.openai_prefix, MODEL_NAME)]
         if srv.kind == "evllm":
             protos += [v2_infer(MODEL_NAME), v2_infer_binary(MODEL_NAME), v2_generate(MODEL_NAME)]
             if srv.grpc_target is not None:
                 protos.append(v2_grpc(MODEL_NAME))
-        for c in self.cfg.concurrencies:
-            for proto in protos:
-                target = srv.grpc_target if proto.grpc and srv.grpc_target else srv.url
-                res = run_load(target, proto, c, self.cfg.warmup, self.cfg.duration)
-                self.results["online"].append({"repeat": rep, "server": srv.kind, **res.to_dict()})
+        return protos
 
-    def vllm_session(self, rep: int) -> None:
-        srv = self.server("vllm")
-        with running(srv):
-            self.log(f"vllm serve ready in {srv.cold_start:.1f}s")
-            self.results["cold_start"].append({"repeat": rep, "server": "vllm", "seconds": srv.cold_start})
-            if "online" in self.cfg.sections:
-                self.online(rep, srv)
+    def window(self, section: str, rep: int, srv: Server | Attached, proto: Protocol, c: int) -> None:
+        """One measured window; `window` numbers them in order, so the report can pair each evllm window
+        with the vllm serve windows on either side of it."""
+        target = srv.grpc_target if proto.grpc and srv.grpc_target else srv.url
+        res = run_load(target, proto, c, self.cfg.warmup, self.cfg.duration)
+        self.seq += 1
+        self.results[section].append({"repeat": rep, "window": self.seq, "server": srv.kind, **res.to_dict()})
+
+    def online(self, rep: int, srv: Server | Attached) -> None:
+        """One server alone (attached mode): every protocol at every concurrency."""
+        for c in self.cfg.concurrencies:
+            for proto in self.protocols(srv):
+                self.window("online", rep, srv, proto, c)
+
+    def paired(
+        self, section: str, rep: int, vllm: Server, evllm: Server, protos: list[Protocol], c: int
+    ) -> None:
+        """vllm serve and evllm both up, one loaded at a time (the idle one takes ~1% of a core): each
+        evllm window sits between two vllm serve windows (A B A C A ...), so a ratio compares windows
+        seconds apart rather than sessions minutes apart (the machine drifts by +-30% over minutes)."""
+        base = openai_completions(vllm.openai_prefix, MODEL_NAME)
+        self.window(section, rep, vllm, base, c)
+        for proto in protos:
+            self.window(section, rep, evllm, proto, c)
+            self.window(section, rep, vllm, base, c)
+
+    def sessions(self, rep: int) -> None:
+        """vllm serve and evllm serve started one after the other (cold starts), the online windows
+        paired, then vllm serve stopped and evllm's batch and priority work measured alone."""
+        sections = set(self.cfg.sections)
+        vllm, evllm = self.server("vllm"), self.server("evllm")
+        try:
+            if "online" in sections:
+                vllm.start()
+                self.log(f"vllm serve ready in {vllm.cold_start:.1f}s")
+                self.results["cold_start"].append(
+                    {"repeat": rep, "server": "vllm", "seconds": vllm.cold_start}
+                )
+            evllm.start()
+            self.log(f"evllm serve ready in {evllm.cold_start:.1f}s")
+            self.results["cold_start"].append({"repeat": rep, "server": "evllm", "seconds": evllm.cold_start})
+            if "online" in sections:
+                for c in self.cfg.concurrencies:
+                    self.paired("online", rep, vllm, evllm, self.protocols(evllm), c)
+                self.save()
+            vllm.stop()
+            self.evllm_work(rep, evllm)
+        finally:
+            evllm.stop()
+            vllm.stop()
         self.save()
 
     def run_batch(self, rep: int) -> None:
@@ -187,16 +239,9 @@ class Bench:
                                           "ok": ok, "tokens": tokens})  # fmt: skip
             self.save()
 
-    def evllm_session(self, rep: int) -> None:
-        srv = self.server("evllm")
-        with running(srv):
-            self.log(f"evllm serve ready in {srv.cold_start:.1f}s")
-            self.results["cold_start"].append({"repeat": rep, "server": "evllm", "seconds": srv.cold_start})
-            self.evllm_work(rep, srv)
-
     def evllm_work(self, rep: int, srv: Server | Attached) -> None:
         """Everything measured on evllm: online protocols, batch jobs, online latency under a job."""
-        if "online" in self.cfg.sections:
+        if "online" in self.cfg.sections and isinstance(srv, Attached):
             self.online(rep, srv)
             self.save()
         if "batch" in self.cfg.sections:
@@ -253,14 +298,12 @@ class Bench:
             # session's engines may run between repeats, never between the two sides of a comparison).
             with engine_lock():
                 self.log(f"repeat {rep + 1}/{self.cfg.repeats}")
-                if {"online", "batch", "run_batch", "priority"} & set(self.cfg.sections):
-                    self.vllm_session(rep)  # A
-                    if "run_batch" in self.cfg.sections:
-                        self.run_batch(rep)  # A (batch)
-                    self.evllm_session(rep)  # B
+                if {"online", "batch", "priority"} & set(self.cfg.sections):
+                    self.sessions(rep)
+                if "run_batch" in self.cfg.sections:
+                    self.run_batch(rep)
                 if "lora" in self.cfg.sections:
-                    self.lora_session(rep, "vllm")  # A (LoRA)
-                    self.lora_session(rep, "evllm")  # B (LoRA)
+                    self.lora_sessions(rep)
                 if "startup" in self.cfg.sections:
                     self.results["startup"] += coldstart.measure(self, rep)
                     self.save()

@@ -9,20 +9,20 @@ level (Triton maps a generate request's fields to input tensors) or inside `para
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from . import triton
 from .dataplane import DataPlane, Delta, Generation
 from .errors import EvllmError, InvalidInput, ValidationFailed
-from .oip import MODEL_VERSION
+from .oip import MODEL_VERSION, add_lean_route
 from .sampling import GenerateParameters, parse_parameters
 
 logger = logging.getLogger("evllm.generate")
@@ -58,8 +58,8 @@ class GenerateRequest:
 async def _read(request: Request, dataplane: DataPlane, model_name: str) -> GenerateRequest:
     dataplane.check_model(model_name)
     try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
         raise ValidationFailed("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ValidationFailed("request body must be a JSON object")
@@ -85,7 +85,7 @@ async def _read(request: Request, dataplane: DataPlane, model_name: str) -> Gene
 
 
 def _chunk(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 def _token(token_id: int, position: Any, special: frozenset[int]) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def _tokens(g: Generation | Delta, special: frozenset[int]) -> list[dict[str, An
 def router(dataplane: DataPlane) -> APIRouter:
     api = APIRouter(tags=["generate"])
 
-    async def generate(model_name: str, request: Request) -> JSONResponse:
+    async def generate(model_name: str, request: Request) -> Response:
         r = await _read(request, dataplane, model_name)
         with _as_422():
             if r.options.stream:
@@ -133,7 +133,7 @@ def router(dataplane: DataPlane) -> APIRouter:
         if r.details:
             special = dataplane.special_token_ids()
             body["details"] = {"finish_reason": g.finish_reason, "logprobs": _tokens(g, special)}
-        return JSONResponse(body)
+        return Response(orjson.dumps(body), media_type="application/json")
 
     async def generate_stream(model_name: str, request: Request) -> StreamingResponse:
         r = await _read(request, dataplane, model_name)
@@ -197,6 +197,6 @@ def router(dataplane: DataPlane) -> APIRouter:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
-        api.add_api_route(prefix + "/generate", generate, methods=["POST"], response_model=None)
-        api.add_api_route(prefix + "/generate_stream", generate_stream, methods=["POST"], response_model=None)
+        add_lean_route(api, prefix + "/generate", generate, documented=True)
+        add_lean_route(api, prefix + "/generate_stream", generate_stream, documented=True)
     return api

@@ -18,7 +18,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from . import triton
 from .dataplane import DataPlane, Generation
 from .errors import InvalidInput, describe_validation
-from .oip import MODEL_VERSION
+from .oip import MODEL_VERSION, add_lean_route
 from .sampling import GenerateParameters, parse_parameters
 
 TEXT_INPUT = "text_input"
@@ -295,7 +295,6 @@ def router(dataplane: DataPlane) -> APIRouter:
     profiled: bench/); binary tensors go through KServe's decoding and encoding."""
     api = APIRouter(include_in_schema=False)  # KServe's route documents the same path
 
-    @api.post("/v2/models/{model_name}/infer")
     async def infer(model_name: str, request: Request) -> Response:
         dataplane.check_model(model_name)  # the base model or one of its adapters
         body = await request.body()
@@ -315,6 +314,7 @@ def router(dataplane: DataPlane) -> APIRouter:
         headers = {INFERENCE_HEADER: str(json_length)}
         return Response(answer, media_type="application/octet-stream", headers=headers)
 
+    add_lean_route(api, "/v2/models/{model_name}/infer", infer)
     return api
 
 

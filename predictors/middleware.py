@@ -199,15 +199,15 @@ class Observe:
                 sent += len(message.get("body", b""))
             await send(message)
 
-        in_flight = metrics.IN_FLIGHT.labels(model, protocol)
+        in_flight = metrics.child(metrics.IN_FLIGHT, model, protocol)
         in_flight.inc()
         try:
             await self.app(scope, receive, observed_send)
         finally:
             elapsed = time.monotonic() - start
             in_flight.dec()
-            metrics.REQUEST_DURATION.labels(used.name, protocol).observe(elapsed)
-            metrics.REQUESTS.labels(used.name, protocol, str(status)).inc()
+            metrics.child(metrics.REQUEST_DURATION, used.name, protocol).observe(elapsed)
+            metrics.child(metrics.REQUESTS, used.name, protocol, str(status)).inc()
             if scope["path"] not in QUIET_PATHS:
                 logs.access_logger.info(
                     "%s %s %d",

@@ -22,6 +22,7 @@ def results() -> dict[str, Any]:
             rows.append(online(rep, "vllm", "openai", c, 1000 * scale, 0.100 / scale))
             rows.append(online(rep, "evllm", "openai", c, 1100 * scale, 0.102 / scale))
             rows.append(online(rep, "evllm", "v2-infer", c, 1000 * scale, 0.100 / scale))
+            rows.append(online(rep, "evllm", "v2-infer-binary", c, 1050 * scale, 0.100 / scale))
             rows.append(online(rep, "evllm", "v2-generate", c, 1200 * scale, 0.090 / scale))
     batch = []
     for rep in (0, 1):
@@ -115,6 +116,11 @@ def test_summary_ratios_are_per_repeat_and_targets_judge_them() -> None:
         "prepared evllm start / vllm serve fresh": False,  # 0.61 > 0.6
         "prepared evllm start / vllm serve warm": True,
         "LoRA throughput ratio (base + adapter), c=16": True,
+        "V2 infer p99 / vllm OpenAI p99, c=16": True,  # 1.0
+        "V2 infer p50 / vllm OpenAI p50, c=1": True,  # 1.0
+        "V2 generate p99 / vllm OpenAI p99, c=16": True,  # 0.9
+        "V2 generate p50 / vllm OpenAI p50, c=1": True,  # 0.9
+        "V2 infer binary / JSON throughput, c=16": True,  # 1.05
     }
     # End to end incl. the engine start: evllm 117 s vs run_batch 120 s for the big job.
     assert math.isclose(s["batch"]["e2e_ratio_with_start"], 120 / 117)
@@ -124,7 +130,7 @@ def test_markdown_has_every_section(tmp_path: Path) -> None:
     write(results(), tmp_path)
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# evllm vs `vllm serve` / `vllm run-batch`")
-    assert "2 repeat(s), sessions alternated vllm serve / evllm (A B A B)" in md
+    assert "2 repeat(s). Online and LoRA: vllm serve and evllm serve both up" in md
     for section in ("## Targets", "## Online (closed loop)", "## Batch (1100 and 100", "## Priority (",
                     "## Cold start", "## LoRA ("):  # fmt: skip
         assert section in md
@@ -132,5 +138,32 @@ def test_markdown_has_every_section(tmp_path: Path) -> None:
     assert "| evllm+start | 12.0 | 117.0 |" in md
     assert "| evllm | prepared | 33.0 | 4.5 | 1.5 | 15.0 | 1.5 | 3.0 | 6.0 | 1.5 |" in md
     assert "`evllm prepare`: 40.0 s" in md
-    assert "| evllm | 1236 |" in md and "throughput (median of per-repeat ratios): **1.03**" in md
+    assert "| evllm | 1236 |" in md and "beside it): **1.03** (each window: 1.03 1.03)" in md
     assert "not measured" not in md
+
+
+def test_paired_windows_divide_by_the_vllm_windows_beside_them() -> None:
+    """A B A C A: each evllm window against the mean of the vllm serve windows just before and after it,
+    so a machine that drifts between windows does not move the ratio."""
+    r = results()
+    r["config"]["concurrencies"] = [16]
+    rows = []
+    for window, (server, protocol, tok) in enumerate(
+        [
+            ("vllm", "openai", 1000),
+            ("evllm", "v2-generate", 1650),
+            ("vllm", "openai", 2000),
+            ("evllm", "v2-infer", 2200),
+            ("vllm", "openai", 2000),
+            ("evllm", "v2-infer", 1650),
+            ("vllm", "openai", 1000),
+        ]  # fmt: skip
+    ):
+        rows.append({**online(0, server, protocol, 16, tok, 0.1), "window": window})
+    r["online"] = rows
+    s = summarize(r)
+    gen = next(x for x in s["online"] if x["series"] == "evllm V2 generate")
+    infer = next(x for x in s["online"] if x["series"] == "evllm V2 infer")
+    assert math.isclose(gen["tok_ratio"], 1.1)  # 1650 / mean(1000, 2000)
+    assert infer["tok_ratios"] == [1.1, 1.1]  # 2200 / 2000, then 1650 / mean(2000, 1000)
+    assert math.isclose(infer["tok_ratio"], 1.1)
