@@ -157,7 +157,7 @@ def test_paired_windows_divide_by_the_vllm_windows_beside_them() -> None:
             ("vllm", "openai", 2000),
             ("evllm", "v2-infer", 1650),
             ("vllm", "openai", 1000),
-        ]  # fmt: skip
+        ]
     ):
         rows.append({**online(0, server, protocol, 16, tok, 0.1), "window": window})
     r["online"] = rows
