@@ -4,12 +4,17 @@ In a batch that mixes base-model and adapter requests, base-model tokens carry L
 GPU kernels skip; the CPU ones (`vllm.lora.ops.torch_ops`' bgmv_*) index the stacked adapter weights
 with it, and Python's negative indexing picks the *last* adapter slot: base-model requests were generated
 through an adapter whenever one ran beside them (measured: with --max-loras 1, four "Hello world"
-requests, two with the demo adapter, all four gave the adapter's tokens). Here index -1
-rows get no LoRA contribution (shrink's output rows zeroed, expand's input rows zeroed), as on GPU.
+requests, two with the demo adapter, all four gave the adapter's tokens).
+
+The fix gives every LoRA layer one adapter slot more than the engine assigns (`--max-loras` + 1): the
+last slot is never loaded, so its weights stay zero, and index -1 now reads it: base-model rows get a
+zero LoRA contribution, as on GPU, with no work added to the kernels (an earlier version masked the rows
+in every kernel call: ~10 % of LoRA throughput on the demo model). Fused-MoE LoRA layers keep vLLM's
+slots (their weights are split by the slot count; they do not use these kernels).
 
 The engine runs in its own process; vLLM's ``--worker-extension-cls`` is the hook that imports a class
 there, so `predictors.server` sets it to `CPULoRAFix` when LoRA is on and the platform is CPU, and this
-module patches the kernels when it is imported.
+module patches vLLM's LoRA layer factories when it is imported (before the worker builds its model).
 """
 
 from __future__ import annotations
@@ -18,88 +23,35 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-KERNELS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 QUALNAME = "predictors.cpu_lora.CPULoRAFix"
+# vLLM's LoRA layer factories, as the model manager calls them, and where each takes `max_loras`.
+FACTORIES = {"from_layer": 1, "from_layer_logits_processor": 2}
 
 
-class BaseRows:
-    """The rows of index -1 of the punica wrapper's index buffers, computed once when vLLM sets a new LoRA
-    mapping (`update_metadata`) instead of in each of a step's many kernel calls; indices the wrapper did
-    not announce (prefill's per-call expansions) are computed on the spot."""
+def with_spare_slot(factory: Callable[..., Any], slots_at: int) -> Callable[..., Any]:
+    """``factory(..., max_loras, ...)`` (`max_loras` the positional argument `slots_at`) building the LoRA
+    layer with one more (never assigned, so all-zero) adapter slot: the one index -1 reads."""
 
-    def __init__(self) -> None:
-        self._masks: dict[tuple[int, int], Any] = {}
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        from vllm.model_executor.layers.fused_moe import MoERunner
 
-    def refresh(self, *buffers: Any) -> None:
-        self._masks = {(b.data_ptr(), b.numel()): self._mask(b) for b in buffers}
+        if not isinstance(args[0], MoERunner):
+            args = (*args[:slots_at], args[slots_at] + 1, *args[slots_at + 1 :])
+        return factory(*args, **kwargs)
 
-    @staticmethod
-    def _mask(indices: Any) -> Any:
-        mask = indices < 0
-        return mask if bool(mask.any()) else None
-
-    def __call__(self, indices: Any) -> Any:
-        """The boolean mask of base rows, or None when the batch has none."""
-        where = (indices.data_ptr(), indices.numel())
-        if where in self._masks:
-            return self._masks[where]
-        return self._mask(indices)
-
-
-BASE_ROWS = BaseRows()
-
-
-def zero_base_rows(kernel: Callable[..., Any], *, shrink: bool = False) -> Callable[..., Any]:
-    """``kernel(inputs, weights, output, indices, ...)`` giving rows of index -1 no LoRA contribution.
-    Shrink overwrites its output rows, so those are zeroed after it (no copy of the hidden states);
-    expand adds to its output, so its (rank-sized) input rows are zeroed in a copy first."""
-
-    @functools.wraps(kernel)
-    def fixed(inputs: Any, weights: Any, output: Any, indices: Any, *args: Any, **kwargs: Any) -> Any:
-        base = BASE_ROWS(indices)
-        if base is None:
-            return kernel(inputs, weights, output, indices, *args, **kwargs)
-        if shrink:
-            result = kernel(inputs, weights, output, indices, *args, **kwargs)
-            n = min(output.shape[0], base.shape[0])
-            output[:n][base[:n]] = 0
-            return result
-        n = min(inputs.shape[0], base.shape[0])
-        inputs = inputs.clone()
-        inputs[:n][base[:n]] = 0
-        return kernel(inputs, weights, output, indices, *args, **kwargs)
-
-    fixed.evllm_fixed = True  # type: ignore[attr-defined]
-    return fixed
+    build.evllm_fixed = True  # type: ignore[attr-defined]
+    return build
 
 
 def apply() -> None:
-    """Patch the kernels where vLLM looks them up: the module (its sgmv_* call bgmv_* through it), the
-    package that re-exports them, and the CPU punica wrapper that imported them by name. Idempotent."""
-    import vllm.lora.ops.torch_ops as package
-    import vllm.lora.ops.torch_ops.lora_ops as ops
-    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    """Patch the factories where the LoRA model manager calls them. Idempotent."""
+    import vllm.lora.model_manager as manager
 
-    wrapper = punica_cpu.PunicaWrapperCPU
-    if not getattr(wrapper.update_metadata, "evllm_fixed", False):
-        update = wrapper.update_metadata
-
-        @functools.wraps(update)
-        def update_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
-            result = update(self, *args, **kwargs)
-            BASE_ROWS.refresh(self.token_lora_indices, self.sampler_indices)
-            return result
-
-        update_metadata.evllm_fixed = True  # type: ignore[attr-defined]
-        wrapper.update_metadata = update_metadata
-    for name in KERNELS:
-        kernel = getattr(ops, name)
-        if getattr(kernel, "evllm_fixed", False):
-            continue
-        fixed = zero_base_rows(kernel, shrink=name == "bgmv_shrink")
-        for module in (ops, package, punica_cpu):
-            if hasattr(module, name):
-                setattr(module, name, fixed)
+    for name, slots_at in FACTORIES.items():
+        factory = getattr(manager, name)
+        if not getattr(factory, "evllm_fixed", False):
+            setattr(manager, name, with_spare_slot(factory, slots_at))
 
 
 class CPULoRAFix:

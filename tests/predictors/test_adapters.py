@@ -307,35 +307,35 @@ def test_a_bad_lora_module_is_a_one_line_usage_error(
 
 def test_the_cpu_lora_fix_gives_base_rows_no_adapter_contribution() -> None:
     """vLLM's CPU kernel indexes the adapter weights with -1 (the base model) and gets the last slot;
-    the fix (predictors.cpu_lora, loaded into the engine by --worker-extension-cls) zeroes those rows."""
+    the fix (predictors.cpu_lora, loaded into the engine by --worker-extension-cls) builds every LoRA
+    layer with one spare slot, never loaded, so the last slot is all zeros. (On the real engine: a batch
+    job mixing base and adapter lines gives each line its model's offline output, tests/eventing.)"""
     import torch
+    import vllm.lora.model_manager as manager
     import vllm.lora.ops.torch_ops.lora_ops as ops
-    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    from vllm.model_executor.layers.fused_moe import MoERunner
 
     from predictors import cpu_lora
 
-    cpu_lora.apply()
-    weights = torch.ones(1, 2, 3)  # one adapter slot: rank 2, input 3
     inputs, indices = torch.ones(2, 3), torch.tensor([-1, 0])
+    adapter = torch.ones(1, 2, 3)  # one adapter slot: rank 2, input 3
     raw, fixed = torch.zeros(2, 2), torch.zeros(2, 2)
-    ops.bgmv_shrink.__wrapped__(inputs, weights, raw, indices)  # type: ignore[attr-defined]
+    ops.bgmv_shrink(inputs, adapter, raw, indices)
     assert raw.tolist() == [[3.0, 3.0], [3.0, 3.0]]  # the bug: the base row got the adapter
-    punica_cpu.bgmv_shrink(inputs, weights, fixed, indices)
-    assert fixed.tolist() == [[0.0, 0.0], [3.0, 3.0]] and inputs.tolist() == [[1.0] * 3] * 2
-    expand = torch.zeros(2, 3)
-    ops.sgmv_expand(torch.ones(2, 2), torch.ones(1, 3, 2), expand, None, torch.tensor([1, 1]), indices, 2, 1, 2,
-                    add_inputs=True)  # fmt: skip
-    assert expand.tolist() == [[0.0] * 3, [2.0] * 3]
-    assert all(getattr(ops, k) is getattr(punica_cpu, k) for k in cpu_lora.KERNELS)
-    # The wrapper's index buffers are masked once per LoRA mapping, not per kernel call.
-    assert getattr(punica_cpu.PunicaWrapperCPU.update_metadata, "evllm_fixed", False)
-    buffer = torch.tensor([0, -1, 0, 7])
-    cpu_lora.BASE_ROWS.refresh(buffer[:3])
-    assert cpu_lora.BASE_ROWS(buffer[:3]).tolist() == [False, True, False]  # the announced view
-    assert cpu_lora.BASE_ROWS(buffer[:1]) is None  # another view: computed on the spot (no base row)
-    once = torch.zeros(3, 2)
-    punica_cpu.bgmv_shrink(torch.ones(3, 3), weights, once, buffer[:3])
-    assert once.tolist() == [[3.0, 3.0], [0.0, 0.0], [3.0, 3.0]]
+    with_spare = torch.cat([adapter, torch.zeros(1, 2, 3)])  # what the fixed layers allocate
+    ops.bgmv_shrink(inputs, with_spare, fixed, indices)
+    assert fixed.tolist() == [[0.0, 0.0], [3.0, 3.0]]
+
+    cpu_lora.apply()
+    cpu_lora.apply()  # idempotent
+    assert all(getattr(getattr(manager, name), "evllm_fixed", False) for name in cpu_lora.FACTORIES)
+    seen = []
+    build = cpu_lora.with_spare_slot(lambda layer, max_loras, *rest: seen.append(max_loras), 1)
+    build(torch.nn.Linear(3, 2), 1, "config")
+    build(MoERunner.__new__(MoERunner), 1, "config")  # fused MoE: its weights are split by the slot count
+    logits = cpu_lora.with_spare_slot(lambda proc, head, max_loras, *rest: seen.append(max_loras), 2)
+    logits(torch.nn.Identity(), torch.nn.Linear(3, 2), 1, "config")
+    assert seen == [2, 1, 2]
 
 
 def test_lora_on_cpu_loads_the_fix_into_the_engine(tmp_path: Path) -> None:
