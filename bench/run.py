@@ -203,20 +203,19 @@ class Bench:
             self.window(section, rep, vllm, base, c)
 
     def sessions(self, rep: int) -> None:
-        """vllm serve and evllm serve started one after the other (cold starts), the online windows
-        paired, then vllm serve stopped and evllm's batch and priority work measured alone."""
+        """vllm serve and evllm serve started one after the other (cold starts; which one goes first
+        alternates between repeats, so the second start beside an idle server is no one's bias), the online
+        windows paired, then vllm serve stopped and evllm's batch and priority work measured alone."""
         sections = set(self.cfg.sections)
         vllm, evllm = self.server("vllm"), self.server("evllm")
+        order = [evllm] if "online" not in sections else [vllm, evllm] if rep % 2 == 0 else [evllm, vllm]
         try:
-            if "online" in sections:
-                vllm.start()
-                self.log(f"vllm serve ready in {vllm.cold_start:.1f}s")
+            for srv in order:
+                srv.start()
+                self.log(f"{srv.kind} serve ready in {srv.cold_start:.1f}s")
                 self.results["cold_start"].append(
-                    {"repeat": rep, "server": "vllm", "seconds": vllm.cold_start}
+                    {"repeat": rep, "server": srv.kind, "seconds": srv.cold_start}
                 )
-            evllm.start()
-            self.log(f"evllm serve ready in {evllm.cold_start:.1f}s")
-            self.results["cold_start"].append({"repeat": rep, "server": "evllm", "seconds": evllm.cold_start})
             if "online" in sections:
                 for c in self.cfg.concurrencies:
                     self.paired("online", rep, vllm, evllm, self.protocols(evllm), c)
