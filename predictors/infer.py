@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -221,14 +222,39 @@ class JsonRequest:
     parameters: dict[str, Any] | None
     id: str | None
     outputs: list[str] | None  # requested output names
+    binary: frozenset[str] = frozenset()  # outputs to send as raw bytes after the JSON (Triton's extension)
+    all_binary: bool = False  # every output as raw bytes (`binary_data_output` with no outputs listed)
 
 
-def _json_request(body: bytes) -> JsonRequest | None:
-    """The request, when it is plain JSON with JSON outputs (the common case): parsed without KServe's
-    pydantic models and InferRequest conversion. None for anything else (binary tensors asked for,
-    anything malformed or unusual): KServe's decoding handles it, with its errors."""
+# Binary tensor data the lean path reads (the datatypes of text_input and Triton's control tensors), and
+# writes (every output's datatype): struct formats per element; BYTES are 4-byte length-prefixed.
+_READ = {"BYTES", "BOOL"}
+_WRITE = {"INT32": "i", "UINT32": "I", "FP32": "f"}
+
+
+def _bytes_elements(blob: bytes) -> list[bytes] | None:
+    items, i = [], 0
+    while i < len(blob):
+        if i + 4 > len(blob):
+            return None
+        n = int.from_bytes(blob[i : i + 4], "little")
+        if i + 4 + n > len(blob):
+            return None
+        items.append(blob[i + 4 : i + 4 + n])
+        i += 4 + n
+    return items
+
+
+def _lean_request(body: bytes, json_length: int | None) -> JsonRequest | None:
+    """The request, when it has a common shape: JSON tensors, or binary BYTES/BOOL tensors after a JSON
+    header (`json_length`), and outputs as JSON or as binary for the whole request or per output. Parsed
+    without KServe's pydantic models and InferRequest conversion. None for anything else (other binary
+    datatypes, anything malformed or unusual): KServe's decoding handles it, with its errors."""
+    header, blobs = (body, b"") if json_length is None else (body[:json_length], body[json_length:])
+    if json_length is not None and not 0 < json_length <= len(body):
+        return None
     try:
-        raw = orjson.loads(body)
+        raw = orjson.loads(header)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(raw, dict) or not raw.keys() <= _REQUEST_KEYS:
@@ -236,37 +262,69 @@ def _json_request(body: bytes) -> JsonRequest | None:
     rid, params, inputs, outputs = raw.get("id"), raw.get("parameters"), raw.get("inputs"), raw.get("outputs")
     if not (rid is None or isinstance(rid, str)) or not (params is None or isinstance(params, dict)):
         return None
-    if (params and params.get("binary_data_output")) or not isinstance(inputs, list) or not inputs:
+    if not isinstance(inputs, list) or not inputs:
         return None
-    tensors = []
+    tensors, offset = [], 0
     for t in inputs:
-        if not (isinstance(t, dict) and t.keys() <= _TENSOR_KEYS and not t.get("parameters")):
+        if not (isinstance(t, dict) and t.keys() <= _TENSOR_KEYS):
             return None
         name, datatype, shape, data = t.get("name"), t.get("datatype"), t.get("shape"), t.get("data")
-        if not (isinstance(name, str) and isinstance(datatype, str) and isinstance(data, list)):
+        if not (isinstance(name, str) and isinstance(datatype, str)):
             return None
         if not (isinstance(shape, list) and all(type(d) is int for d in shape)):
             return None
+        tensor_params = t.get("parameters")
+        if tensor_params:
+            size = tensor_params.get("binary_data_size") if isinstance(tensor_params, dict) else None
+            if tensor_params.keys() != {"binary_data_size"} or type(size) is not int or data is not None:
+                return None
+            if datatype not in _READ or size < 0 or offset + size > len(blobs):
+                return None
+            blob = blobs[offset : offset + size]
+            offset += size
+            data = _bytes_elements(blob) if datatype == "BYTES" else [b != 0 for b in blob]
+            if data is None:
+                return None
+        elif not isinstance(data, list):
+            return None
         tensors.append(JsonTensor(name, datatype, shape, data))
-    names = None
+    if offset != len(blobs):
+        return None
+    everything = bool(params and params.get("binary_data_output"))
+    names, binary = None, set()
     if outputs is not None:
         if not isinstance(outputs, list):
             return None
         names = []
         for o in outputs:
-            if not (isinstance(o, dict) and isinstance(o.get("name"), str) and not o.get("parameters")):
+            if not (
+                isinstance(o, dict) and isinstance(o.get("name"), str) and o.keys() <= {"name", "parameters"}
+            ):
+                return None
+            output_params = o.get("parameters") or {}
+            if not isinstance(output_params, dict) or output_params.keys() - {"binary_data"}:
                 return None
             names.append(o["name"])
-    return JsonRequest(tensors, params, rid, names)
+            if output_params.get("binary_data", everything) is True:
+                binary.add(o["name"])
+    return JsonRequest(tensors, params, rid, names, frozenset(binary), everything and outputs is None)
+
+
+def _raw(datatype: str, data: list[Any]) -> bytes:
+    if datatype == "BYTES":
+        items = [x.encode() if isinstance(x, str) else bytes(x) for x in data]
+        return b"".join(len(x).to_bytes(4, "little") + x for x in items)
+    return struct.pack(f"<{len(data)}{_WRITE[datatype]}", *data)
 
 
 _REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
 _TENSOR_KEYS = frozenset({"name", "datatype", "shape", "data", "parameters"})
 
 
-async def _infer_json(
+async def _infer_lean(
     dataplane: DataPlane, request: JsonRequest, request_id: str | None, model: str
-) -> bytes:
+) -> tuple[bytes, int | None]:
+    """The response body, and the length of its JSON header when binary outputs follow it."""
     r = v2_request(request)
     if r.options.stream:
         raise InvalidInput(STREAM_NEEDS_A_STREAM)
@@ -274,12 +332,18 @@ async def _infer_json(
         r.prompts, r.params, request_id=request_id, model=model, logprobs=r.logprobs
     )
     n = len(gens)
-    outputs = [
-        {"name": name, "shape": [n], "datatype": datatype, "data": data}
-        for name, datatype, data in output_tensors(r, gens)
-        if request.outputs is None or name in request.outputs
-    ]
-    return orjson.dumps(
+    outputs, raws = [], []
+    for name, datatype, data in output_tensors(r, gens):
+        if request.outputs is not None and name not in request.outputs:
+            continue
+        if request.all_binary or name in request.binary:
+            raw = _raw(datatype, data)
+            raws.append(raw)
+            outputs.append({"name": name, "shape": [n], "datatype": datatype,
+                            "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
+        else:
+            outputs.append({"name": name, "shape": [n], "datatype": datatype, "data": data})
+    header = orjson.dumps(
         {
             "id": request.id or request_id or uuid.uuid4().hex,
             "model_name": model,
@@ -287,25 +351,31 @@ async def _infer_json(
             "outputs": outputs,
         }
     )
+    if not raws:
+        return header, None
+    return b"".join([header, *raws]), len(header)
 
 
 def router(dataplane: DataPlane) -> APIRouter:
-    """V2 infer, shadowing KServe's route (same path, body and errors; registered first): plain JSON
-    requests skip KServe's pydantic models and InferRequest/InferResponse conversions (the lean path,
-    profiled: bench/); binary tensors go through KServe's decoding and encoding."""
+    """V2 infer, shadowing KServe's route (same path, body and errors; registered first): requests of the
+    common shapes (JSON tensors, binary BYTES/BOOL tensors, JSON or binary outputs) skip KServe's pydantic
+    models and InferRequest/InferResponse conversions (the lean path, profiled: bench/); anything else
+    goes through KServe's decoding and encoding."""
     api = APIRouter(include_in_schema=False)  # KServe's route documents the same path
 
     async def infer(model_name: str, request: Request) -> Response:
         dataplane.check_model(model_name)  # the base model or one of its adapters
         body = await request.body()
         request_id = request.headers.get("x-request-id")
-        if INFERENCE_HEADER not in request.headers:
-            plain = _json_request(body)
-            if plain is not None:
-                return Response(
-                    await _infer_json(dataplane, plain, request_id, model_name),
-                    media_type="application/json",
-                )
+        length = request.headers.get(INFERENCE_HEADER)
+        json_length = int(length) if length is not None and length.isdigit() else None
+        lean = _lean_request(body, json_length) if length is None or json_length is not None else None
+        if lean is not None:
+            answer, header_length = await _infer_lean(dataplane, lean, request_id, model_name)
+            if header_length is None:
+                return Response(answer, media_type="application/json")
+            headers = {INFERENCE_HEADER: str(header_length)}
+            return Response(answer, media_type="application/octet-stream", headers=headers)
         infer_request = decode(body, request.headers, model_name)
         response = await infer_v2(dataplane, infer_request, request_id, model_name)
         answer, json_length = response.to_rest()

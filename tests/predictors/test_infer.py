@@ -91,6 +91,32 @@ def test_v2_infer_binary_tensors_as_tritonclient_sends_them(binary_output: bool)
     assert reasons == ["length", "length"]
 
 
+@pytest.mark.parametrize("binary_output", [False, True])
+def test_tritonclient_binary_requests_take_the_lean_path(binary_output: bool):
+    """tritonclient's binary requests are parsed without KServe's models (`_lean_request`); shapes the lean
+    path does not read (here an FP32 binary tensor, or a header length that cuts the JSON) fall back to
+    KServe's decoding, which the tests above and the conformance run check."""
+    from predictors.infer import _lean_request
+
+    inp = triton.InferInput("text_input", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(["Hello", "héllo"], dtype=object), binary_data=True)
+    outputs = [triton.InferRequestedOutput(name, binary_data=binary_output) for name in OUTPUTS]
+    body, json_size = triton.InferenceServerClient.generate_request_body([inp], outputs=outputs)
+    lean = _lean_request(body, json_size)
+    assert lean is not None and lean.inputs[0].data == [b"Hello", "héllo".encode()]
+    assert lean.binary == (frozenset(OUTPUTS) if binary_output else frozenset())
+    assert _lean_request(body, (json_size or len(body)) - 1) is None
+    # `binary_data_output` and no outputs listed (as the bench sends it): every output raw.
+    tensor = {"name": "text_input", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}}
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    request = _lean_request(header + b"\x02\x00\x00\x00hi", len(header))
+    assert request is not None and request.all_binary and request.inputs[0].data == [b"hi"]
+    other = triton.InferInput("x", [1], "FP32")
+    other.set_data_from_numpy(np.array([1.0], dtype=np.float32), binary_data=True)
+    body, json_size = triton.InferenceServerClient.generate_request_body([inp, other])
+    assert _lean_request(body, json_size) is None
+
+
 def test_v2_infer_without_content_type_is_json():
     # tritonclient sends JSON infer requests without a Content-Type.
     async def main() -> None:
