@@ -275,8 +275,10 @@ def _lean_request(body: bytes, json_length: int | None) -> JsonRequest | None:
             return None
         tensor_params = t.get("parameters")
         if tensor_params:
-            size = tensor_params.get("binary_data_size") if isinstance(tensor_params, dict) else None
-            if tensor_params.keys() != {"binary_data_size"} or type(size) is not int or data is not None:
+            if not isinstance(tensor_params, dict) or tensor_params.keys() != {"binary_data_size"}:
+                return None
+            size = tensor_params["binary_data_size"]
+            if type(size) is not int or data is not None:
                 return None
             if datatype not in _READ or size < 0 or offset + size > len(blobs):
                 return None

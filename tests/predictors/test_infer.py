@@ -111,6 +111,14 @@ def test_tritonclient_binary_requests_take_the_lean_path(binary_output: bool):
     header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
     request = _lean_request(header + b"\x02\x00\x00\x00hi", len(header))
     assert request is not None and request.all_binary and request.inputs[0].data == [b"hi"]
+    for odd in (
+        [1],
+        "x",
+        {"binary_data_size": "6"},
+        {"binary_data_size": 6, "other": 1},
+    ):  # KServe's to refuse
+        tensor = {"name": "text_input", "datatype": "BYTES", "shape": [1], "parameters": odd}
+        assert _lean_request(json.dumps({"inputs": [tensor]}).encode(), None) is None
     other = triton.InferInput("x", [1], "FP32")
     other.set_data_from_numpy(np.array([1.0], dtype=np.float32), binary_data=True)
     body, json_size = triton.InferenceServerClient.generate_request_body([inp, other])
