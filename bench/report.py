@@ -57,12 +57,6 @@ def ratios(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]], metric: 
     return [r[metric] / _baseline(base_rows, r, metric) for r in ordered]
 
 
-def ratio(results: dict[str, Any], key: tuple[str, str], c: int, metric: str) -> float:
-    """Median over windows of (series / vllm serve OpenAI beside it)."""
-    by = _online(results)
-    return med(ratios(by[(*key, c)], by[("vllm", "openai", c)], metric))
-
-
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     s: dict[str, Any] = {"online": [], "batch": {}, "priority": {}, "cold_start": {}}
     by = _online(results)
@@ -71,16 +65,15 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             rows = by.get((*key, c))
             if not rows:
                 continue
+            base = by[("vllm", "openai", c)]
+            is_base = key == ("vllm", "openai")
             s["online"].append({
                 "concurrency": c, "series": LABEL[key], "repeats": len(rows),
                 **{m: med([r[m] for r in rows]) for m in ("req_s", "tok_s", "p50", "p95", "p99")},
                 "errors": sum(r["errors"] for r in rows),
-                **({f"{m}_ratio": 1.0 for m in ("tok", "p50", "p99")} if key == ("vllm", "openai") else {
-                    "tok_ratio": ratio(results, key, c, "tok_s"),
-                    "p50_ratio": ratio(results, key, c, "p50"),
-                    "p99_ratio": ratio(results, key, c, "p99"),
-                }),
-                "tok_ratios": ratios(rows, by[("vllm", "openai", c)], "tok_s") if key[0] != "vllm" else [],
+                **{f"{m}_ratio": 1.0 if is_base else med(ratios(rows, base, f"{m}_s" if m == "tok" else m))
+                   for m in ("tok", "p50", "p99")},
+                "tok_ratios": [] if is_base else ratios(rows, base, "tok_s"),
             })  # fmt: skip
     # Batch: end-to-end and marginal rates, per repeat, then medians.
     cfg = results["config"]

@@ -138,21 +138,17 @@ class Bench:
         ]
 
     def lora_sessions(self, rep: int) -> None:
-        """Both servers with LoRA on, windows paired as in `paired`: throughput over base + adapter
-        traffic at `lora_concurrency`, evllm's window between two of vllm serve's."""
+        """Both servers with LoRA on, windows paired (`paired`): throughput over base + adapter traffic at
+        `lora_concurrency`, `lora_pairs` evllm windows each between two of vllm serve's."""
         vllm, evllm = (Server(kind, self.model_dir, self.engine_args(kind) + self.lora_args(), self.cfg.env,
                               self.logs, self.storage) for kind in ("vllm", "evllm"))  # fmt: skip
         try:
             for srv in (vllm, evllm):
                 srv.start()
                 self.log(f"{srv.kind} serve (LoRA) ready in {srv.cold_start:.1f}s")
-            proto = lora_completions(evllm.openai_prefix, MODEL_NAME, ADAPTER)
             base = lora_completions(vllm.openai_prefix, MODEL_NAME, ADAPTER)
-            c = self.cfg.lora_concurrency
-            self.window("lora", rep, vllm, base, c)
-            for _ in range(self.cfg.lora_pairs):
-                self.window("lora", rep, evllm, proto, c)
-                self.window("lora", rep, vllm, base, c)
+            protos = [lora_completions(evllm.openai_prefix, MODEL_NAME, ADAPTER)] * self.cfg.lora_pairs
+            self.paired("lora", rep, vllm, base, evllm, protos, self.cfg.lora_concurrency)
         finally:
             evllm.stop()
             vllm.stop()
@@ -191,12 +187,19 @@ class Bench:
                 self.window("online", rep, srv, proto, c)
 
     def paired(
-        self, section: str, rep: int, vllm: Server, evllm: Server, protos: list[Protocol], c: int
+        self,
+        section: str,
+        rep: int,
+        vllm: Server,
+        base: Protocol,
+        evllm: Server,
+        protos: list[Protocol],
+        c: int,
     ) -> None:
         """vllm serve and evllm both up, one loaded at a time (the idle one takes ~1% of a core): each
-        evllm window sits between two vllm serve windows (A B A C A ...), so a ratio compares windows
-        seconds apart rather than sessions minutes apart (the machine drifts by +-30% over minutes)."""
-        base = openai_completions(vllm.openai_prefix, MODEL_NAME)
+        evllm window of `protos` sits between two vllm serve windows of `base` (A B A C A ...), so a ratio
+        compares windows seconds apart rather than sessions minutes apart (the machine drifts by +-30% over
+        minutes)."""
         self.window(section, rep, vllm, base, c)
         for proto in protos:
             self.window(section, rep, evllm, proto, c)
@@ -218,7 +221,8 @@ class Bench:
                 )
             if "online" in sections:
                 for c in self.cfg.concurrencies:
-                    self.paired("online", rep, vllm, evllm, self.protocols(evllm), c)
+                    base = openai_completions(vllm.openai_prefix, MODEL_NAME)
+                    self.paired("online", rep, vllm, base, evllm, self.protocols(evllm), c)
                 self.save()
             vllm.stop()
             self.evllm_work(rep, evllm)

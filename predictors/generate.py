@@ -196,7 +196,11 @@ def router(dataplane: DataPlane) -> APIRouter:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
-        add_lean_route(api, prefix + "/generate", generate, documented=True)
-        add_lean_route(api, prefix + "/generate_stream", generate_stream, documented=True)
+    for suffix, endpoint in (("/generate", generate), ("/generate_stream", generate_stream)):
+        add_lean_route(api, "/v2/models/{model_name}" + suffix, endpoint)
+        # What the OpenAPI schema shows. These FastAPI routes never answer: the lean route above comes
+        # first, and the middleware turns the versioned spelling into the unversioned path
+        # (middleware._route).
+        for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
+            api.add_api_route(prefix + suffix, endpoint, methods=["POST"], response_model=None)
     return api

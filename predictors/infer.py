@@ -159,6 +159,19 @@ def infer_outputs(
     return [InferOutput(name, [n], datatype, data) for name, datatype, data in tensors]
 
 
+async def _generate(
+    dataplane: DataPlane, request: Any, request_id: str | None, model: str | None
+) -> tuple[V2Request, list[Generation]]:
+    """A V2 infer request (KServe's InferRequest or a lean JsonRequest) run to its final outputs."""
+    r = v2_request(request)
+    if r.options.stream:
+        raise InvalidInput(STREAM_NEEDS_A_STREAM)
+    gens = await dataplane.generate_many(
+        r.prompts, r.params, request_id=request_id, model=model, logprobs=r.logprobs
+    )
+    return r, gens
+
+
 async def infer_v2(
     dataplane: DataPlane,
     request: InferRequest,
@@ -170,12 +183,7 @@ async def infer_v2(
     """``model``: the name the request addressed (the base model or one of its adapters).
     ``raw_outputs``: tensors as bytes whatever the request says (gRPC's raw_output_contents, which
     Triton's clients expect)."""
-    r = v2_request(request)
-    if r.options.stream:
-        raise InvalidInput(STREAM_NEEDS_A_STREAM)
-    gens = await dataplane.generate_many(
-        r.prompts, r.params, request_id=request_id, model=model, logprobs=r.logprobs
-    )
+    r, gens = await _generate(dataplane, request, request_id, model)
     return InferResponse(
         response_id=request.id or request_id or uuid.uuid4().hex,
         model_name=model or dataplane.model_name,
@@ -228,6 +236,8 @@ class JsonRequest:
 
 # Binary tensor data the lean path reads (the datatypes of text_input and Triton's control tensors), and
 # writes (every output's datatype): struct formats per element; BYTES are 4-byte length-prefixed.
+_REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
+_TENSOR_KEYS = frozenset({"name", "datatype", "shape", "data", "parameters"})
 _READ = {"BYTES", "BOOL"}
 _WRITE = {"INT32": "i", "UINT32": "I", "FP32": "f"}
 
@@ -319,20 +329,11 @@ def _raw(datatype: str, data: list[Any]) -> bytes:
     return struct.pack(f"<{len(data)}{_WRITE[datatype]}", *data)
 
 
-_REQUEST_KEYS = frozenset({"id", "inputs", "outputs", "parameters"})
-_TENSOR_KEYS = frozenset({"name", "datatype", "shape", "data", "parameters"})
-
-
 async def _infer_lean(
     dataplane: DataPlane, request: JsonRequest, request_id: str | None, model: str
 ) -> tuple[bytes, int | None]:
     """The response body, and the length of its JSON header when binary outputs follow it."""
-    r = v2_request(request)
-    if r.options.stream:
-        raise InvalidInput(STREAM_NEEDS_A_STREAM)
-    gens = await dataplane.generate_many(
-        r.prompts, r.params, request_id=request_id, model=model, logprobs=r.logprobs
-    )
+    r, gens = await _generate(dataplane, request, request_id, model)
     n = len(gens)
     outputs, raws = [], []
     for name, datatype, data in output_tensors(r, gens):
@@ -358,6 +359,17 @@ async def _infer_lean(
     return b"".join([header, *raws]), len(header)
 
 
+def _http(answer: bytes | dict[str, Any], json_length: int | None) -> Response:
+    """A V2 infer answer: JSON, or (`json_length` set) a JSON header and raw outputs (Triton's binary
+    extension)."""
+    if json_length is not None:
+        headers = {INFERENCE_HEADER: str(json_length)}
+        return Response(answer, media_type="application/octet-stream", headers=headers)
+    if isinstance(answer, bytes):
+        return Response(answer, media_type="application/json")
+    return JSONResponse(answer)
+
+
 def router(dataplane: DataPlane) -> APIRouter:
     """V2 infer, shadowing KServe's route (same path, body and errors; registered first): requests of the
     common shapes (JSON tensors, binary BYTES/BOOL tensors, JSON or binary outputs) skip KServe's pydantic
@@ -370,21 +382,13 @@ def router(dataplane: DataPlane) -> APIRouter:
         body = await request.body()
         request_id = request.headers.get("x-request-id")
         length = request.headers.get(INFERENCE_HEADER)
-        json_length = int(length) if length is not None and length.isdigit() else None
-        lean = _lean_request(body, json_length) if length is None or json_length is not None else None
+        header_length = int(length) if length is not None and length.isdigit() else None
+        lean = _lean_request(body, header_length) if length is None or header_length is not None else None
         if lean is not None:
-            answer, header_length = await _infer_lean(dataplane, lean, request_id, model_name)
-            if header_length is None:
-                return Response(answer, media_type="application/json")
-            headers = {INFERENCE_HEADER: str(header_length)}
-            return Response(answer, media_type="application/octet-stream", headers=headers)
+            return _http(*await _infer_lean(dataplane, lean, request_id, model_name))
         infer_request = decode(body, request.headers, model_name)
         response = await infer_v2(dataplane, infer_request, request_id, model_name)
-        answer, json_length = response.to_rest()
-        if json_length is None:
-            return JSONResponse(answer)
-        headers = {INFERENCE_HEADER: str(json_length)}
-        return Response(answer, media_type="application/octet-stream", headers=headers)
+        return _http(*response.to_rest())
 
     add_lean_route(api, "/v2/models/{model_name}/infer", infer)
     return api

@@ -59,18 +59,12 @@ def without_nulls(app: Any) -> None:
             route.app = request_response(route.get_route_handler())
 
 
-def add_lean_route(
-    api: Any, path: str, endpoint: Callable[[str, Any], Awaitable[Any]], *, documented: bool = False
-) -> None:
+def add_lean_route(api: Any, path: str, endpoint: Callable[[str, Any], Awaitable[Any]]) -> None:
     """A hot V2 POST route `endpoint(model_name, request)` behind Starlette's plain request/response
     wrapper: FastAPI's per-request dependency solving was about a third of evllm's own per-request cost
-    (in-process, fake engine: 416 -> ~275 us per V2 generate). Such a route is left out of the OpenAPI
-    schema; `documented` also registers the same handler as a FastAPI route after it, which the schema
-    describes (the lean one, first, answers)."""
+    (in-process, fake engine: 416 -> ~275 us per V2 generate). Such a route is not in the OpenAPI schema."""
 
     async def handle(request: Any) -> Any:
         return await endpoint(request.path_params["model_name"], request)
 
     api.add_route(path, handle, methods=["POST"], include_in_schema=False)
-    if documented:
-        api.add_api_route(path, endpoint, methods=["POST"], response_model=None)
