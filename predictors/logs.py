@@ -15,7 +15,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 access_logger = logging.getLogger("evllm.access")
+
+
+def access(msg: str, args: tuple[Any, ...], fields: dict[str, Any]) -> None:
+    """One access line, as `access_logger.info(msg, *args, extra=fields)` but without the caller lookup
+    (a stack walk per request; the caller is always the HTTP middleware)."""
+    if access_logger.isEnabledFor(logging.INFO):
+        record = access_logger.makeRecord(
+            access_logger.name, logging.INFO, __file__, 0, msg, args, None, "access", fields
+        )
+        access_logger.handle(record)
 
 
 @dataclass(frozen=True)
@@ -71,7 +83,10 @@ class JSONFormatter(logging.Formatter):
                 out[key] = value if isinstance(value, (str, int, float, bool)) else str(value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        try:  # orjson halves the cost of the access line every request writes
+            return orjson.dumps(out, default=str).decode()
+        except TypeError:  # what orjson refuses (an int past 64 bits) still gets logged
+            return json.dumps(out, ensure_ascii=False, default=str)
 
 
 def configure(fmt: str = "json", level: str | None = None) -> None:

@@ -88,7 +88,9 @@ class AbortOnDisconnect:
                 done = True
             await send(message)
 
-        handler = asyncio.ensure_future(self.app(scope, wrapped_receive, wrapped_send))
+        # The handler runs in this task (one task fewer per request); the watcher cancels it.
+        handler = asyncio.current_task()
+        assert handler is not None
 
         async def watch() -> None:
             nonlocal client_left
@@ -97,17 +99,17 @@ class AbortOnDisconnect:
                 message = await receive()
                 if not disconnect.done():
                     disconnect.set_result(message)
-            if not done and not handler.done():
+            if not done:
                 client_left = True
                 handler.cancel()
 
         watcher = asyncio.ensure_future(watch())
         try:
-            await handler
+            await self.app(scope, wrapped_receive, wrapped_send)
         except asyncio.CancelledError:
             # Cancelled because the client left: nothing to send, the engine request was aborted.
             # Any other cancellation (server shutdown) propagates.
-            if not client_left:
+            if not client_left or handler.uncancel() > 0:
                 raise
         finally:
             watcher.cancel()
@@ -148,6 +150,15 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
+def _picked(scope: Scope, names: frozenset[bytes]) -> dict[bytes, str]:
+    """Only the named headers: decoding every header of every request showed up in the hot path."""
+    return {k.lower(): v.decode("latin-1") for k, v in scope["headers"] if k.lower() in names}
+
+
+_OBSERVED = frozenset({b"x-request-id", b"ce-id", b"traceparent"})
+_CONTENT_LENGTH = frozenset({b"content-length"})
+
+
 class Observe:
     """Per request: request id (echoed as X-Request-Id, given to the engine), CloudEvent id and traceparent
     in the log context; latency, status and in-flight metrics; one access log line without any body."""
@@ -159,8 +170,8 @@ class Observe:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = _headers(scope)
-        request_id = logs.safe_id(headers.get("x-request-id"))
+        headers = _picked(scope, _OBSERVED)
+        request_id = logs.safe_id(headers.get(b"x-request-id"))
         if request_id is None:
             request_id = uuid.uuid4().hex
             # Handlers name the engine request after X-Request-Id: logs and engine then agree.
@@ -173,8 +184,8 @@ class Observe:
             }
         ctx = logs.RequestContext(
             request_id=request_id,
-            ce_id=logs.safe_id(headers.get("ce-id")),
-            traceparent=logs.safe_traceparent(headers.get("traceparent")),
+            ce_id=logs.safe_id(headers.get(b"ce-id")),
+            traceparent=logs.safe_traceparent(headers.get(b"traceparent")),
         )
         token = logs.CONTEXT.set(ctx)
         proto_token = metrics.PROTOCOL.set(metrics.protocol_of(scope["method"], scope["path"]))
@@ -209,12 +220,10 @@ class Observe:
             metrics.child(metrics.REQUEST_DURATION, used.name, protocol).observe(elapsed)
             metrics.child(metrics.REQUESTS, used.name, protocol, str(status)).inc()
             if scope["path"] not in QUIET_PATHS:
-                logs.access_logger.info(
+                logs.access(
                     "%s %s %d",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    extra={
+                    (scope["method"], scope["path"], status),
+                    {
                         "method": scope["method"],
                         "path": scope["path"],
                         "status": status,
@@ -274,7 +283,7 @@ class BodyLimit:
             return
         path = scope["path"]
         limit = self._limit(path)
-        length = _headers(scope).get("content-length")
+        length = _picked(scope, _CONTENT_LENGTH).get(b"content-length")
         try:
             if length is not None and length.strip().isdigit():
                 self.limits.check_body_size(int(length), limit)

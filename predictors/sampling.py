@@ -85,6 +85,8 @@ def to_sampling_params(
     kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     # Streaming wants deltas; a single answer wants nothing until the end (cheapest for the engine).
     kwargs["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    # Built fresh per request: AsyncLLM need not deep-copy it (~23 us), as vLLM's OpenAI layer does.
+    kwargs["skip_clone"] = True
     try:
         return SamplingParams.from_optional(**kwargs)
     except (ValueError, TypeError, VLLMClientError) as exc:

@@ -248,7 +248,7 @@ def assemble(
 ) -> Admission:
     """Routes, error handlers and middleware on an app that carries KServe's V1/V2 routes; returns the
     admission controller (which the graceful shutdown drains)."""
-    from . import adapters, generate, infer, metrics
+    from . import adapters, generate, infer, metrics, oip
     from .auth import Authenticator
     from .middleware import (
         AbortOnDisconnect,
@@ -289,6 +289,7 @@ def assemble(
     for ext in extensions:
         ext.attach(app, dataplane, settings.extensions[ext.title])
     install_openapi(app, dataplane.openai.app)
+    oip.lean_routes_first(app)
     # add_middleware wraps what is there: the last added runs first.
     app.add_middleware(AbortOnDisconnect)
     app.add_middleware(JSONByDefault)
