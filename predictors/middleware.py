@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 import uuid
 from typing import Any
@@ -47,6 +48,13 @@ class OnlineLoad:
             return
         with self.dataplane.online():
             await self.app(scope, receive, send)
+
+
+# Observe gives each request a flag that AbortOnDisconnect raises when it drops a request whose client left,
+# so that request is logged and counted as 499 (nginx's "client closed request"), not as a server error.
+CLIENT_LEFT: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "evllm_client_left", default=None
+)
 
 
 class AbortOnDisconnect:
@@ -124,6 +132,9 @@ class AbortOnDisconnect:
             # Any other cancellation (server shutdown) propagates.
             if not client_left or handler.uncancel() > 0:
                 raise
+            flag = CLIENT_LEFT.get()
+            if flag is not None:
+                flag[0] = True
         finally:
             timer.cancel()
             if watcher is not None:
@@ -211,12 +222,15 @@ class Observe:
         model_token = metrics.REQUEST_MODEL.set(used)
         start = time.monotonic()
         status = 500  # what the client sees if the app dies before answering (uvicorn sends a 500)
+        client_left = [False]
+        left_token = CLIENT_LEFT.set(client_left)
         sent = 0
+        started = False
 
         async def observed_send(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())],
@@ -230,6 +244,9 @@ class Observe:
         try:
             await self.app(scope, receive, observed_send)
         finally:
+            CLIENT_LEFT.reset(left_token)
+            if client_left[0] and not started:
+                status = 499  # nothing was answered: the client went away first
             elapsed = time.monotonic() - start
             in_flight.dec()
             metrics.child(metrics.REQUEST_DURATION, used.name, protocol).observe(elapsed)

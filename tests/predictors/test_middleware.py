@@ -55,7 +55,13 @@ def test_client_disconnect_aborts_the_generation(path: str, body: dict, engine_i
             assert s.admission.in_flight == 0 and s.dataplane.online_load == 0
             async with s.client() as c:
                 after = samples((await c.get("/metrics")).text)
-                assert total(after, "evllm_requests_in_flight", protocol=protocol_of("POST", path)) == 0
+                protocol = protocol_of("POST", path)
+                assert total(after, "evllm_requests_in_flight", protocol=protocol) == 0
+                # Never counted as a server error: a stream keeps the 200 it sent, a unary request that
+                # was never answered counts as 499 (the client's doing).
+                code = "200" if path.endswith("_stream") else "499"
+                assert total(after, "evllm_requests_total", protocol=protocol, code=code) == 1
+                assert total(after, "evllm_requests_total", protocol=protocol, code="500") == 0
 
     asyncio.run(main())
 
