@@ -39,6 +39,9 @@ def test_client_disconnect_aborts_the_generation(path: str, body: dict, engine_i
     async def main() -> None:
         async with inprocess.server(delay=SLOW) as s:
             fake = s.engine.fake
+            protocol = protocol_of("POST", path)
+            async with s.client() as c:  # the registry is process-wide: compare counts, not totals
+                before = samples((await c.get("/metrics")).text)
             start = time.monotonic()
             sent = await disconnecting(
                 s.app,
@@ -55,13 +58,18 @@ def test_client_disconnect_aborts_the_generation(path: str, body: dict, engine_i
             assert s.admission.in_flight == 0 and s.dataplane.online_load == 0
             async with s.client() as c:
                 after = samples((await c.get("/metrics")).text)
-                protocol = protocol_of("POST", path)
-                assert total(after, "evllm_requests_in_flight", protocol=protocol) == 0
-                # Never counted as a server error: a stream keeps the 200 it sent, a unary request that
-                # was never answered counts as 499 (the client's doing).
-                code = "200" if path.endswith("_stream") else "499"
-                assert total(after, "evllm_requests_total", protocol=protocol, code=code) == 1
-                assert total(after, "evllm_requests_total", protocol=protocol, code="500") == 0
+            assert total(after, "evllm_requests_in_flight", protocol=protocol) == 0
+
+            def counted(code: str) -> float:
+                key = {"protocol": protocol, "code": code}
+                return total(after, "evllm_requests_total", **key) - total(
+                    before, "evllm_requests_total", **key
+                )
+
+            # Never counted as a server error: a stream keeps the 200 it sent, a unary request that was
+            # never answered counts as 499 (the client's doing).
+            assert counted("200" if path.endswith("_stream") else "499") == 1
+            assert counted("500") == 0
 
     asyncio.run(main())
 
