@@ -220,9 +220,9 @@ class Bench:
                     {"repeat": rep, "server": srv.kind, "seconds": srv.cold_start}
                 )
             if "online" in sections:
+                base, protos = openai_completions(vllm.openai_prefix, MODEL_NAME), self.protocols(evllm)
                 for c in self.cfg.concurrencies:
-                    base = openai_completions(vllm.openai_prefix, MODEL_NAME)
-                    self.paired("online", rep, vllm, base, evllm, self.protocols(evllm), c)
+                    self.paired("online", rep, vllm, base, evllm, protos, c)
                 self.save()
             vllm.stop()
             self.evllm_work(rep, evllm)

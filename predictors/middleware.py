@@ -172,13 +172,14 @@ async def _refuse(exc: EvllmError, scope: Scope, receive: Receive, send: Send) -
     await error_response(exc)(scope, receive, send)
 
 
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-
-
-def _picked(scope: Scope, names: frozenset[bytes]) -> dict[bytes, str]:
-    """Only the named headers: decoding every header of every request showed up in the hot path."""
-    return {k.lower(): v.decode("latin-1") for k, v in scope["headers"] if k.lower() in names}
+def _headers(scope: Scope, only: frozenset[bytes] | None = None) -> dict[str, str]:
+    """The request's headers by lower-cased name; `only` those named (decoding every header of every
+    request showed up in the hot path)."""
+    return {
+        k.decode("latin-1").lower(): v.decode("latin-1")
+        for k, v in scope["headers"]
+        if only is None or k.lower() in only
+    }
 
 
 _OBSERVED = frozenset({b"x-request-id", b"ce-id", b"traceparent"})
@@ -196,8 +197,8 @@ class Observe:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = _picked(scope, _OBSERVED)
-        request_id = logs.safe_id(headers.get(b"x-request-id"))
+        headers = _headers(scope, _OBSERVED)
+        request_id = logs.safe_id(headers.get("x-request-id"))
         if request_id is None:
             request_id = uuid.uuid4().hex
             # Handlers name the engine request after X-Request-Id: logs and engine then agree.
@@ -210,8 +211,8 @@ class Observe:
             }
         ctx = logs.RequestContext(
             request_id=request_id,
-            ce_id=logs.safe_id(headers.get(b"ce-id")),
-            traceparent=logs.safe_traceparent(headers.get(b"traceparent")),
+            ce_id=logs.safe_id(headers.get("ce-id")),
+            traceparent=logs.safe_traceparent(headers.get("traceparent")),
         )
         token = logs.CONTEXT.set(ctx)
         proto_token = metrics.PROTOCOL.set(metrics.protocol_of(scope["method"], scope["path"]))
@@ -315,7 +316,7 @@ class BodyLimit:
             return
         path = scope["path"]
         limit = self._limit(path)
-        length = _picked(scope, _CONTENT_LENGTH).get(b"content-length")
+        length = _headers(scope, _CONTENT_LENGTH).get("content-length")
         try:
             if length is not None and length.strip().isdigit():
                 self.limits.check_body_size(int(length), limit)

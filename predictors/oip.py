@@ -67,11 +67,4 @@ def add_lean_route(api: Any, path: str, endpoint: Callable[[str, Any], Awaitable
     async def handle(request: Any) -> Any:
         return await endpoint(request.path_params["model_name"], request)
 
-    handle.lean = True  # type: ignore[attr-defined]
     api.add_route(path, handle, methods=["POST"], include_in_schema=False)
-
-
-def lean_routes_first(app: Any) -> None:
-    """Match the lean routes before the others: Starlette tries every route in order until one matches.
-    They only pass the docs and health routes, which no POST to a model path could match."""
-    app.router.routes.sort(key=lambda r: not getattr(getattr(r, "endpoint", None), "lean", False))

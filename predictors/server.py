@@ -248,7 +248,7 @@ def assemble(
 ) -> Admission:
     """Routes, error handlers and middleware on an app that carries KServe's V1/V2 routes; returns the
     admission controller (which the graceful shutdown drains)."""
-    from . import adapters, generate, infer, metrics, oip
+    from . import adapters, generate, infer, metrics
     from .auth import Authenticator
     from .middleware import (
         AbortOnDisconnect,
@@ -280,16 +280,16 @@ def assemble(
     )
 
     install_handlers(app)
-    app.include_router(health_router(dataplane))
+    # The hot routes first: Starlette tries routes in order until one matches.
     app.include_router(infer.router(dataplane))
     app.include_router(generate.router(dataplane))
+    app.include_router(health_router(dataplane))
     # Before the OpenAI mount, which would otherwise take these paths.
     app.include_router(adapters.router(adapters.Adapters(dataplane, settings.server.cache_dir)))
     app.mount("/openai", StartedGate(dataplane.openai.app, dataplane.check_ready))
     for ext in extensions:
         ext.attach(app, dataplane, settings.extensions[ext.title])
     install_openapi(app, dataplane.openai.app)
-    oip.lean_routes_first(app)
     # add_middleware wraps what is there: the last added runs first.
     app.add_middleware(AbortOnDisconnect)
     app.add_middleware(JSONByDefault)
