@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import detokenize
 from .engine import Engine
 from .errors import InvalidInput, ModelNotFound, NotReady
 from .limits import Limits
@@ -191,6 +192,8 @@ class DataPlane:
         sp = to_sampling_params(params, self._defaults(), stream=stream)
         if logprobs and sp.logprobs is None:
             sp.logprobs = 0
+        if detokenize.deferrable(self.tokenizer(), sp):
+            sp.detokenize = False  # decoded once, at the end (`_final`)
         self.limits.apply_max_tokens(sp, params.max_tokens)
         return sp, await self._inputs(prompts, sp.max_tokens or 0)
 
@@ -218,7 +221,7 @@ class DataPlane:
             ):
                 final = out
             assert final is not None
-            return Generation(*_fields(final))
+            return self._final(final, sp)
 
         if len(inputs) == 1:  # the common case: no task to schedule
             return [await one(0, inputs[0])]
@@ -263,10 +266,20 @@ class DataPlane:
 
         return stream()
 
+    def _final(self, out: Any, sp: Any) -> Generation:
+        g = Generation(*_fields(out))
+        if not sp.detokenize:
+            stopped = out.outputs[0].finish_reason == "stop"  # EOS or a stop token id: no stop strings
+            g.text = detokenize.final_text(self.tokenizer(), sp, out.prompt_token_ids, g.token_ids, stopped)
+        return g
+
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer (None before the engine runs, or for an engine without one)."""
+        return getattr(self.engine.client, "tokenizer", None)
+
     def special_token_ids(self) -> frozenset[int]:
         """The tokenizer's special tokens (the generate spec's `Token.special`)."""
-        tokenizer = getattr(self.engine.client, "tokenizer", None)
-        return frozenset(getattr(tokenizer, "all_special_ids", None) or ())
+        return frozenset(getattr(self.tokenizer(), "all_special_ids", None) or ())
 
     async def openai_call(
         self, url: str, body: Any, *, priority: int = ONLINE_PRIORITY
