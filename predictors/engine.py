@@ -94,7 +94,7 @@ class Engine:
         client = await self._measured(build)
         # vLLM reads its settings from os.environ on every access until told to cache them, which its
         # engine core and workers do once up, but not its API server: here ~34 reads per 32-token
-        # request (its per-step stats read one), ~50 us of this process's CPU.
+        # request (its per-step stats read one), 2.4 us each uncached, 0.4 us cached.
         envs.enable_envs_cache()
         # Start reading engine outputs now, so an engine failure is noticed before the first request.
         client._run_output_handler()
