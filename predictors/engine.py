@@ -76,6 +76,8 @@ class Engine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from .stat_logger import BulkPrometheusStatLogger
+
         engine_args = AsyncEngineArgs.from_cli_args(self.args)
         propagate_flash_late_interaction(self.args, engine_args)
         usage = UsageContext.OPENAI_API_SERVER
@@ -89,6 +91,7 @@ class Engine:
                 enable_log_requests=engine_args.enable_log_requests,
                 aggregate_engine_logging=engine_args.aggregate_engine_logging,
                 disable_log_stats=engine_args.disable_log_stats,
+                stat_loggers=[BulkPrometheusStatLogger],  # vLLM's vllm:* metrics, applied in bulk
             )
 
         client = await self._measured(build)
