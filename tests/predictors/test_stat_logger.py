@@ -160,3 +160,18 @@ def test_a_bad_value_is_dropped_without_failing_the_scrape(
     assert "dropped a vLLM metric update" in caplog.text
     with pytest.raises(ValueError):
         bulk.counter_generation_tokens[0].inc(-1)  # what prometheus_client itself refuses, refused at once
+
+
+def test_a_histogram_without_prometheus_clients_internals_is_observed_value_by_value() -> None:
+    """The one-pass update reads prometheus_client's bucket internals; without them, observe() each."""
+
+    class Child:
+        def __init__(self) -> None:
+            self.observed: list[float] = []
+
+        def observe(self, v: float) -> None:
+            self.observed.append(v)
+
+    child = Child()
+    stat_logger._observe_all(child, [0.5, 0.01, 3.0])
+    assert child.observed == [0.5, 0.01, 3.0]
