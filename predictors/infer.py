@@ -84,6 +84,7 @@ class V2Request:
     prompts: list[str]
     params: GenerateParameters
     options: triton.Options
+    outputs: frozenset[str] | None = None  # the outputs asked for; None: all
 
     @property
     def logprobs(self) -> bool:
@@ -118,7 +119,30 @@ def v2_request(request: Any) -> V2Request:
     raw = request.parameters
     if triton.SAMPLING_PARAMETERS in tensors:
         raw = triton.sampling_parameters(_scalar(tensors[triton.SAMPLING_PARAMETERS], "BYTES"))
-    return V2Request(prompts, parse_parameters(raw), options)
+    return V2Request(prompts, parse_parameters(raw), options, _requested_outputs(request, options))
+
+
+def _requested_outputs(request: Any, options: triton.Options) -> frozenset[str] | None:
+    """The output names the request lists (none listed, or an empty list: all), each one this request
+    produces: a misspelt name is the client's 400 before any generation, as in Triton."""
+    if isinstance(request, JsonRequest):
+        names = request.outputs
+    else:  # KServe's InferRequest (REST or gRPC)
+        names = [o.name for o in request.request_outputs or ()]
+    if not names:
+        return None
+    produced = [str(o["name"]) for o in OUTPUTS] + [
+        name for name, switch in triton.ASKED_BY.items() if getattr(options, switch)
+    ]
+    for name in names:
+        if name in produced:
+            continue
+        if name in triton.ASKED_BY:
+            raise InvalidInput(f"output '{name}' needs the input '{triton.ASKED_BY[name]}' set to true")
+        raise InvalidInput(
+            f"unexpected inference output '{name}': this model's outputs are {', '.join(produced)}"
+        )
+    return frozenset(names)
 
 
 def v2_prompts(request: InferRequest) -> list[str]:
@@ -131,7 +155,7 @@ def output_tensors(
     """(name, datatype, data [N]): `text_output` (after the prompt when `exclude_input_in_output` is
     false), and on a final response `finish_reason`, `prompt_tokens`, `completion_tokens`
     (`completion_tokens` overrides the counts when `gens` are a stream's last deltas); Triton's additional
-    outputs when asked for."""
+    outputs when asked for. Only the outputs the request lists, when it lists any (the spec's `outputs`)."""
     texts = [(p if r.options.prepend_input else "") + g.text for p, g in zip(r.prompts, gens, strict=True)]
     outputs: list[tuple[str, str, list[Any]]] = [("text_output", "BYTES", texts)]
     if final:
@@ -147,6 +171,8 @@ def output_tensors(
         outputs += [
             (name, datatype, [e[name] for e in extras]) for name, datatype in ADDITIONAL if name in extras[0]
         ]
+    if r.outputs is not None:
+        outputs = [o for o in outputs if o[0] in r.outputs]
     return outputs
 
 
@@ -319,7 +345,7 @@ def _lean_request(body: bytes, json_length: int | None) -> JsonRequest | None:
             names.append(o["name"])
             if output_params.get("binary_data", everything) is True:
                 binary.add(o["name"])
-    return JsonRequest(tensors, params, rid, names, frozenset(binary), everything and outputs is None)
+    return JsonRequest(tensors, params, rid, names, frozenset(binary), everything and not outputs)
 
 
 def _raw(datatype: str, data: list[Any]) -> bytes:
@@ -337,8 +363,6 @@ async def _infer_lean(
     n = len(gens)
     outputs, raws = [], []
     for name, datatype, data in output_tensors(r, gens):
-        if request.outputs is not None and name not in request.outputs:
-            continue
         if request.all_binary or name in request.binary:
             raw = _raw(datatype, data)
             raws.append(raw)

@@ -123,6 +123,25 @@ def test_model_infer_matches_http():
         assert result["id"] == "r1" and result["model_version"] == "1"
 
 
+def test_only_the_outputs_asked_for_unary_and_streaming():
+    """As over HTTP (and in Triton): listed outputs only; a misspelt one is INVALID_ARGUMENT."""
+    asked = ["completion_tokens", "text_output"]
+    with served() as s:
+        unary, streamed, misspelt = triton_client(s.url, [
+            {"op": "infer", "request": request(["Hello"], parameters={"max_tokens": 3}, outputs=asked)},
+            {"op": "stream", "requests": [request(["Hi"], tensors={"stream": True},
+                                                  parameters={"max_tokens": 2}, outputs=asked)]},
+            {"op": "infer", "request": request(["Hello"], outputs=["text"])},
+        ])  # fmt: skip
+        assert unary["outputs"] == {"text_output": ["HEL"], "completion_tokens": [3]}
+        assert [a["outputs"] for a in streamed] == [
+            {"text_output": ["H"]},
+            {"text_output": ["I"], "completion_tokens": [2]},
+        ]
+        assert misspelt["error"]["status"] == "StatusCode.INVALID_ARGUMENT"
+        assert "unexpected inference output 'text'" in misspelt["error"]["message"]
+
+
 def test_model_infer_errors_are_grpc_statuses():
     with served() as s:
         results = triton_client(s.url, [

@@ -174,6 +174,12 @@ def _text(
         ({"inputs": [_text(["a"])], "parameters": {"temperature": "hot"}}, "parameters.temperature"),
         ({"inputs": [_text(["a"])], "parameters": {"max_tokenz": 3}}, "unknown parameter"),
         ({"inputs": [_text(["a"])], "parameters": {"top_k": -7}}, "top_k"),
+        ({"inputs": [_text(["a"])], "outputs": [{"name": "text"}]}, "unexpected inference output 'text'"),
+        # Triton's additional outputs exist when their switch asks for them.
+        (
+            {"inputs": [_text(["a"])], "outputs": [{"name": "cumulative_logprob"}]},
+            "'return_cumulative_logprob'",
+        ),
         ({"inputs": [_text(["a"])], "parameters": {"max_tokens": 5000}}, "maximum context length"),
         ({"inputs": [_text(["hello " * 1500])]}, "maximum context length"),
         ({"inputs": "text_input"}, "inputs"),
@@ -354,5 +360,18 @@ def test_lean_json_path_answers_as_kserves_decoding_does():
                     ],
                 }
             )
+            # An empty list asks for nothing in particular: every output, as when `outputs` is absent.
+            for body in (plain, unusual):
+                r = await c.post(f"/v2/models/{MODEL_NAME}/infer", json={**body, "outputs": []})
+                assert [o["name"] for o in r.json()["outputs"]] == list(OUTPUTS), r.text
+            # A misspelt output is the client's 400 on both paths, before anything reaches the engine.
+            engine_requests = len(s.engine.fake.requests)
+            for body in (plain, unusual):
+                r = await c.post(
+                    f"/v2/models/{MODEL_NAME}/infer", json={**body, "outputs": [{"name": "text_ouput"}]}
+                )
+                assert r.status_code == 400, r.text
+                assert r.json()["error"].startswith("unexpected inference output 'text_ouput'")
+            assert len(s.engine.fake.requests) == engine_requests
 
     asyncio.run(main())

@@ -5,7 +5,8 @@ prints one JSON result per operation.
 
 Operations: {"op": "live" | "ready" | "server_metadata"}, {"op": "model_ready" | "model_metadata",
 "model", "version"}, {"op": "infer", "request": R}, {"op": "stream", "requests": [R, ...]} where R is
-{"model", "prompts", "tensors": {name: value}, "parameters", "request_id", "version", "headers"};
+{"model", "prompts", "tensors": {name: value}, "parameters", "request_id", "version", "headers",
+"outputs": [name, ...]};
 `tensors` are Triton's control tensors (BOOL, or `sampling_parameters` as a JSON string).
 """
 
@@ -42,6 +43,7 @@ def _kwargs(r: dict[str, Any]) -> dict[str, Any]:
         "model_version": r.get("version", ""),
         "request_id": r.get("request_id", ""),
         "parameters": r.get("parameters"),
+        "outputs": [triton.InferRequestedOutput(name) for name in r["outputs"]] if "outputs" in r else None,
     }
 
 
