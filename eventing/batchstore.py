@@ -41,16 +41,21 @@ def _index_key(created_us: int, id_: str) -> str:
     return f"{_NEWEST_FIRST - created_us:017d}-{id_}"
 
 
-def _names(index: Location, after_key: str | None) -> list[str]:
-    """Index entry names after ``after_key``, newest first (one listing)."""
-    names = [n for n in listdir(index) if not n.startswith(".")]
+def _names(index: Location, after_key: str | None, oldest_first: bool = False) -> list[str]:
+    """Index entry names after ``after_key``, newest first or oldest first (one listing)."""
+    names = [n for n in listdir(index) if not n.startswith(".")]  # sorted: newest first
+    if oldest_first:
+        names.reverse()
+        return names if after_key is None else [n for n in names if n < after_key]
     return names if after_key is None else [n for n in names if n > after_key]
 
 
-def _page(index: Location, after_key: str | None, limit: int) -> tuple[list[str], bool]:
-    """Ids of up to ``limit`` entries after ``after_key`` (newest first) and whether more follow: one
-    listing of names, no object read."""
-    page = _names(index, after_key)[: limit + 1]
+def _page(
+    index: Location, after_key: str | None, limit: int, oldest_first: bool = False
+) -> tuple[list[str], bool]:
+    """Ids of up to ``limit`` entries after ``after_key`` and whether more follow: one listing of names,
+    no object read."""
+    page = _names(index, after_key, oldest_first)[: limit + 1]
     return [n.split("-", 1)[1] for n in page[:limit]], len(page) > limit
 
 
@@ -109,19 +114,19 @@ class BatchStore:
         return obj
 
     def list_files(
-        self, after: str | None, limit: int, purpose: str | None = None
+        self, after: str | None, limit: int, purpose: str | None = None, oldest_first: bool = False
     ) -> tuple[list[dict[str, Any]], bool]:
-        """Newest first; with ``purpose``, a full page of that purpose (files are read until one more
-        than ``limit`` match, so ``has_more`` is exact)."""
+        """Newest first (OpenAI's default order) or oldest first; with ``purpose``, a full page of that
+        purpose (files are read until one more than ``limit`` match, so ``has_more`` is exact)."""
         after_key = None
         if after is not None:
             obj = self.file(after)
             after_key = _index_key(obj["created_us"], after) if obj else None
         if purpose is None:
-            ids, more = _page(self.file_index, after_key, limit)
+            ids, more = _page(self.file_index, after_key, limit, oldest_first)
             return [f for f in (self.file(i) for i in ids) if f is not None], more
         found: list[dict[str, Any]] = []
-        for name in _names(self.file_index, after_key):
+        for name in _names(self.file_index, after_key, oldest_first):
             f = self.file(name.split("-", 1)[1])
             if f is None or f["purpose"] != purpose:
                 continue

@@ -89,6 +89,14 @@ def _limit(request: Request) -> int:
     return value
 
 
+def _oldest_first(request: Request) -> bool:
+    """The Files list's `order`: `desc` (newest first, the default) or `asc`."""
+    order = request.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise APIError(f"order must be 'asc' or 'desc', got {order[:40]!r}", param="order")
+    return order == "asc"
+
+
 def _check_id(kind: str, value: str) -> None:
     pattern = FILE_ID if kind == "File" else BATCH_ID
     if not pattern.match(value):
@@ -168,9 +176,10 @@ def router(handlers: Handlers, model_name: str) -> APIRouter:
         after = request.query_params.get("after")
         purpose = request.query_params.get("purpose")
         limit = _limit(request)
+        oldest_first = _oldest_first(request)
         if after is not None:
             await file_or_404(after)
-        items, more = await asyncio.to_thread(store().list_files, after, limit, purpose)
+        items, more = await asyncio.to_thread(store().list_files, after, limit, purpose, oldest_first)
         return JSONResponse(_page([_public(f) for f in items], more))
 
     @api.get(FILES_PATH + "/{file_id}")

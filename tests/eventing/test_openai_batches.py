@@ -151,6 +151,29 @@ def test_list_is_newest_first_and_paginates(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_files_list_in_either_order(tmp_path: Path) -> None:
+    """`order`: desc (newest first, OpenAI's default) or asc; `after` and the purpose filter follow it."""
+
+    async def main() -> None:
+        async with running(tmp_path) as (_, client):
+            ids = []
+            for i in range(4):
+                f = await client.files.create(
+                    file=(f"{i}.jsonl", jsonl(1), "application/jsonl"), purpose="batch"
+                )
+                ids.append(f.id)
+            assert [f.id for f in (await client.files.list()).data] == ids[::-1]
+            page = await client.files.list(order="asc", limit=2)
+            assert [f.id for f in page.data] == ids[:2] and page.has_more
+            assert [f.id async for f in await client.files.list(order="asc", limit=3)] == ids
+            last = await client.files.list(order="asc", after=ids[1], purpose="batch", limit=5)
+            assert [f.id for f in last.data] == ids[2:] and not last.has_more
+            newer = await client.files.list(order="desc", after=ids[2])
+            assert [f.id for f in newer.data] == ids[1::-1]
+
+    asyncio.run(main())
+
+
 def test_cancel_mid_job_keeps_done_lines_and_aborts_the_rest(tmp_path: Path) -> None:
     async def main() -> None:
         # 24 lines of 4 tokens at 50 ms a token, 2 in flight: ~2.4 s of work.
@@ -329,6 +352,7 @@ def test_bad_batch_requests_get_openai_errors(tmp_path: Path) -> None:
                 (client.files.retrieve("file-nope"), openai.NotFoundError, "not_found"),
                 (client.files.content("x" * 300), openai.BadRequestError, "invalid_id"),
                 (client.files.delete("file-nope"), openai.NotFoundError, "not_found"),
+                (client.files.list(order="sideways"), openai.BadRequestError, "bad_request"),  # type: ignore[arg-type]
             ]
             for call, error, code in cases:
                 with pytest.raises(error) as info:
