@@ -140,7 +140,7 @@ def _requested_outputs(request: Any, options: triton.Options) -> frozenset[str] 
         if name in triton.ASKED_BY:
             raise InvalidInput(f"output '{name}' needs the input '{triton.ASKED_BY[name]}' set to true")
         raise InvalidInput(
-            f"unexpected inference output '{name}': this model's outputs are {', '.join(produced)}"
+            f"unexpected inference output '{name}': this request's outputs are {', '.join(produced)}"
         )
     return frozenset(names)
 
