@@ -32,13 +32,14 @@ OUTPUTS = [
     {"name": "prompt_tokens", "datatype": "INT32", "shape": [-1]},
     {"name": "completion_tokens", "datatype": "INT32", "shape": [-1]},
 ]
-# Triton's additional outputs (see `triton`), present only when a request asks for them.
-ADDITIONAL = [
-    ("cumulative_logprob", "FP32"),
-    ("logprobs", "BYTES"),
-    ("num_input_tokens", "UINT32"),
-    ("num_output_tokens", "UINT32"),
-]
+# Triton's additional outputs (see `triton`), present only when a request asks for them: each one's
+# datatype and the input switch that asks for it.
+ADDITIONAL = {
+    "cumulative_logprob": ("FP32", "return_cumulative_logprob"),
+    "logprobs": ("BYTES", "return_logprobs"),
+    "num_input_tokens": ("UINT32", "return_num_input_tokens"),
+    "num_output_tokens": ("UINT32", "return_num_output_tokens"),
+}
 INFERENCE_HEADER = "inference-header-content-length"
 NO_OPTIONS = triton.Options()
 STREAM_NEEDS_A_STREAM = "stream = true needs a streaming transport: gRPC ModelStreamInfer or /generate_stream"
@@ -132,13 +133,13 @@ def _requested_outputs(request: Any, options: triton.Options) -> frozenset[str] 
     if not names:
         return None
     produced = [str(o["name"]) for o in OUTPUTS] + [
-        name for name, switch in triton.ASKED_BY.items() if getattr(options, switch)
+        name for name, (_, switch) in ADDITIONAL.items() if getattr(options, switch)
     ]
     for name in names:
         if name in produced:
             continue
-        if name in triton.ASKED_BY:
-            raise InvalidInput(f"output '{name}' needs the input '{triton.ASKED_BY[name]}' set to true")
+        if name in ADDITIONAL:
+            raise InvalidInput(f"output '{name}' needs the input '{ADDITIONAL[name][1]}' set to true")
         raise InvalidInput(
             f"unexpected inference output '{name}': this request's outputs are {', '.join(produced)}"
         )
@@ -169,7 +170,9 @@ def output_tensors(
         top = r.params.logprobs is not None
         extras = [triton.additional(r.options, g, top_logprobs=top) for g in gens]
         outputs += [
-            (name, datatype, [e[name] for e in extras]) for name, datatype in ADDITIONAL if name in extras[0]
+            (name, datatype, [e[name] for e in extras])
+            for name, (datatype, _) in ADDITIONAL.items()
+            if name in extras[0]
         ]
     if r.outputs is not None:
         outputs = [o for o in outputs if o[0] in r.outputs]

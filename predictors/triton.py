@@ -109,15 +109,6 @@ def logprobs_json(logprobs: list[dict[int, Any]] | None) -> str:
     return json.dumps(positions)
 
 
-# The switch that asks for each of Triton's additional outputs.
-ASKED_BY = {
-    "cumulative_logprob": "return_cumulative_logprob",
-    "logprobs": "return_logprobs",
-    "num_input_tokens": "return_num_input_tokens",
-    "num_output_tokens": "return_num_output_tokens",
-}
-
-
 def additional(opts: Options, g: Any, *, top_logprobs: bool) -> dict[str, Any]:
     """The additional outputs `opts` asks for, by Triton's output names, for one generation or delta `g`
     (the data plane's Generation or Delta); `top_logprobs`: the request asked for top-k logprobs."""
