@@ -33,8 +33,7 @@ from .report import med, ratios
 from .run import Config
 from .servers import MODEL_NAME, Server, engine_lock, work_dir
 
-IN_PROCESS = "evllm data plane, in-process"
-SERIES = {"v2-generate": "evllm V2 generate over HTTP", "in-process": IN_PROCESS}
+SERIES = {"v2-generate": "evllm V2 generate over HTTP", "in-process": "evllm data plane, in-process"}
 
 
 async def in_process_loop(
