@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{SERIES[series]}: {s['req_s']:.1f} req/s, {s['ratio']:.2f}x vllm serve (windows {each})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"windows": rows, "summary": summary}, indent=1) + "\n")
+        config = {"concurrency": args.concurrency, "duration": args.duration, "warmup": cfg.warmup,
+                  "pairs": args.pairs, "engine_args": cfg.engine_args, "env": cfg.env}  # fmt: skip
+        out = {"config": config, "windows": rows, "summary": summary}
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 
