@@ -28,7 +28,7 @@ from predictors.dataplane import DataPlane
 from predictors.demo_model import ensure_demo_model
 from predictors.sampling import parse_parameters
 
-from .load import OUTPUT_TOKENS, PROMPTS, LoadResult, openai_completions, percentile, run_load, v2_generate
+from .load import OUTPUT_TOKENS, PROMPTS, LoadResult, openai_completions, run_load, v2_generate
 from .report import med, ratios
 from .run import Config
 from .servers import MODEL_NAME, Server, engine_lock, work_dir
@@ -65,19 +65,7 @@ async def in_process_loop(
                 latencies.append(t1 - t0)
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    n = len(latencies)
-    return LoadResult(
-        protocol="in-process",
-        concurrency=concurrency,
-        duration=duration,
-        requests=n,
-        errors=0,
-        req_s=n / duration,
-        tok_s=n * max_tokens / duration,
-        p50=percentile(latencies, 50),
-        p95=percentile(latencies, 95),
-        p99=percentile(latencies, 99),
-    )
+    return LoadResult.of("in-process", concurrency, duration, latencies, len(latencies) * max_tokens, 0)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -92,22 +80,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _engine_argv(model_dir: Path, cfg: Config) -> list[str]:
-    return ["--model_name", MODEL_NAME, "--model_dir", str(model_dir), *cfg.engine_args]
-
-
 async def _measure(
     args: argparse.Namespace, cfg: Config, model: Path, vllm: Server, evllm: Server
 ) -> list[dict[str, Any]]:
-    from vllm.utils.gc_utils import freeze_gc_heap
-
     from predictors.engine import Engine
+    from predictors.model import EvllmModel
     from predictors.server import parse_args
 
-    settings = parse_args(_engine_argv(model, cfg))
+    settings = parse_args(["--model_name", MODEL_NAME, "--model_dir", str(model), *cfg.engine_args])
     dataplane = DataPlane(Engine(settings.engine, settings.engine_flags), MODEL_NAME)
-    await dataplane.start()
-    freeze_gc_heap()  # as evllm serve does once its engine is up
+    await EvllmModel(MODEL_NAME, dataplane).start_engine()  # as evllm serve starts it (GC heap frozen)
     rows: list[dict[str, Any]] = []
     c, warmup, duration = args.concurrency, cfg.warmup, args.duration
     base = openai_completions(vllm.openai_prefix, MODEL_NAME)

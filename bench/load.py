@@ -153,6 +153,31 @@ class LoadResult:
     p95: float
     p99: float
 
+    @classmethod
+    def of(
+        cls,
+        protocol: str,
+        concurrency: int,
+        duration: float,
+        latencies: list[float],
+        tokens: int,
+        errors: int,
+    ) -> LoadResult:
+        """A window's result from the latencies of the requests that finished inside it."""
+        n = len(latencies)
+        return cls(
+            protocol=protocol,
+            concurrency=concurrency,
+            duration=duration,
+            requests=n,
+            errors=errors,
+            req_s=n / duration,
+            tok_s=tokens / duration,
+            p50=percentile(latencies, 50),
+            p95=percentile(latencies, 95),
+            p99=percentile(latencies, 99),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -223,19 +248,7 @@ async def closed_loop(
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
     if proto.grpc:
         await channel.close()
-    n = len(latencies)
-    return LoadResult(
-        protocol=proto.name,
-        concurrency=concurrency,
-        duration=duration,
-        requests=n,
-        errors=errors,
-        req_s=n / duration,
-        tok_s=tokens / duration,
-        p50=percentile(latencies, 50),
-        p95=percentile(latencies, 95),
-        p99=percentile(latencies, 99),
-    )
+    return LoadResult.of(proto.name, concurrency, duration, latencies, tokens, errors)
 
 
 def run_load(base_url: str, proto: Protocol, concurrency: int, warmup: float, duration: float) -> LoadResult:
