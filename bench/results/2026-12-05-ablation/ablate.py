@@ -1,0 +1,56 @@
+"""`evllm serve` (argv: its flags) with parts switched off, for an ablation; ABLATE is a comma list of:
+
+- `grpc`: no gRPC server (otherwise on, as the benchmark runs it);
+- `ext`: no eventing extension (the predictor alone);
+- `mw`: none of evllm's middleware; `mw:<Class>`: not that one (e.g. `mw:Observe`);
+- `metrics`: AsyncLLM.generate not wrapped by `metrics.instrument_generate`;
+- `log`: no access line.
+
+OBS=<comma list> (possibly empty) replaces `middleware.Observe` with `obs_variant.Observe`, which can
+leave out its parts (see there).
+"""
+
+import logging
+import os
+import socket
+import sys
+
+if __name__ == "__main__":
+    from predictors import logs, metrics, server
+    from predictors import middleware as mw
+
+    ablate = set(filter(None, os.environ.get("ABLATE", "").split(",")))
+    skip = {x[3:] for x in ablate if x.startswith("mw:")}
+    if "mw" in ablate or skip:
+        from fastapi import FastAPI
+
+        add_middleware = FastAPI.add_middleware
+
+        def add(self, cls, *args, **kwargs):
+            if cls.__module__ == "predictors.middleware" and ("mw" in ablate or cls.__name__ in skip):
+                return None
+            return add_middleware(self, cls, *args, **kwargs)
+
+        FastAPI.add_middleware = add  # type: ignore[method-assign]
+    if os.environ.get("OBS") is not None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import obs_variant
+
+        mw.Observe = obs_variant.Observe  # type: ignore[misc]
+    if "metrics" in ablate:
+        metrics.instrument_generate = lambda generate, check=None: generate  # type: ignore[assignment]
+    if "log" in ablate:
+        logging.getLogger("evllm.access").disabled = True
+        logs.access = lambda *args, **kwargs: None  # type: ignore[assignment]
+    argv = sys.argv[1:]
+    if "grpc" not in ablate:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            argv += ["--enable_grpc", "true", "--grpc_port", str(s.getsockname()[1])]
+    if "ext" in ablate:
+        server.main(argv)
+    else:
+        from evllm.cli import serve
+
+        server.setup_environment()
+        serve(argv)
