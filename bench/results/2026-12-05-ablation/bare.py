@@ -40,32 +40,41 @@ class Proto(asyncio.Protocol):
         asyncio.get_running_loop().create_task(self.handle(b"".join(self.body)))
 
     async def handle(self, body):
-        req = json.loads(body)
-        params = parse_parameters(req.get("parameters") or {})
-        g = await self.dp.generate(req["text_input"], params, model=MODEL)
-        out = json.dumps(
-            {
-                "model_name": MODEL,
-                "model_version": None,
-                "text_output": g.text,
-                "finish_reason": g.finish_reason,
-                "prompt_tokens": g.prompt_tokens,
-                "completion_tokens": g.completion_tokens,
-            }
-        ).encode()
+        out = await generate(self.dp, body)
         self.t.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
             % (len(out), out)
         )
 
 
-async def main():
-    model_dir, port = sys.argv[1], int(sys.argv[2])
-    settings = parse_args(
-        ["--model_name", MODEL, "--model_dir", model_dir, "--max-model-len", "1024", "--dtype", "float32"]
-    )
+async def generate(dp, body):
+    """A V2 generate request body -> the response body, through the data plane."""
+    req = json.loads(body)
+    params = parse_parameters(req.get("parameters") or {})
+    g = await dp.generate(req["text_input"], params, model=MODEL)
+    answer = {
+        "model_name": MODEL,
+        "model_version": None,
+        "text_output": g.text,
+        "finish_reason": g.finish_reason,
+        "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": g.completion_tokens,
+    }
+    return json.dumps(answer).encode()
+
+
+async def start(model_dir):
+    """The data plane, its engine built and started as `evllm serve` does (the benchmark's flags)."""
+    argv = ["--model_name", MODEL, "--model_dir", model_dir, "--max-model-len", "1024", "--dtype", "float32"]
+    settings = parse_args(argv)
     dp = DataPlane(Engine(settings.engine, settings.engine_flags), MODEL)
     await EvllmModel(MODEL, dp).start_engine()
+    return dp
+
+
+async def main():
+    model_dir, port = sys.argv[1], int(sys.argv[2])
+    dp = await start(model_dir)
     loop = asyncio.get_running_loop()
     srv = await loop.create_server(lambda: Proto(dp), "127.0.0.1", port)
     print("READY", flush=True)

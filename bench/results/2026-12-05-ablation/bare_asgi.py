@@ -1,19 +1,12 @@
 """evllm's data plane behind uvicorn with a raw ASGI app (no FastAPI, no middleware)."""
 
 import asyncio
-import json
 import sys
 
 import uvicorn
 import uvloop
+from bare import generate, start
 
-from predictors.dataplane import DataPlane
-from predictors.engine import Engine
-from predictors.model import EvllmModel
-from predictors.sampling import parse_parameters
-from predictors.server import parse_args
-
-MODEL = "demo"
 dp = None
 
 
@@ -32,19 +25,7 @@ async def app(scope, receive, send):
         body += m.get("body", b"")
         if not m.get("more_body"):
             break
-    req = json.loads(body)
-    params = parse_parameters(req.get("parameters") or {})
-    g = await dp.generate(req["text_input"], params, model=MODEL)
-    out = json.dumps(
-        {
-            "model_name": MODEL,
-            "model_version": None,
-            "text_output": g.text,
-            "finish_reason": g.finish_reason,
-            "prompt_tokens": g.prompt_tokens,
-            "completion_tokens": g.completion_tokens,
-        }
-    ).encode()
+    out = await generate(dp, body)
     await send(
         {
             "type": "http.response.start",
@@ -58,11 +39,7 @@ async def app(scope, receive, send):
 async def main():
     global dp
     model_dir, port = sys.argv[1], int(sys.argv[2])
-    settings = parse_args(
-        ["--model_name", MODEL, "--model_dir", model_dir, "--max-model-len", "1024", "--dtype", "float32"]
-    )
-    dp = DataPlane(Engine(settings.engine, settings.engine_flags), MODEL)
-    await EvllmModel(MODEL, dp).start_engine()
+    dp = await start(model_dir)
     cfg = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, access_log=False, loop="none", http="httptools"
     )

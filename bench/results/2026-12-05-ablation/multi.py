@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from bench.load import openai_completions, run_load, v2_generate  # noqa: E402
 from bench.run import Config  # noqa: E402
 from bench.servers import MODEL_NAME, engine_lock, work_dir  # noqa: E402
+from bench.servers import _ready as ready  # noqa: E402
 from predictors.demo_model import ensure_demo_model  # noqa: E402
 from tests.server import free_port  # noqa: E402
 
@@ -55,14 +55,6 @@ def command(kind: str, port: int) -> tuple[list[str], str | None]:
 def cpu(pid: int) -> float:
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def main() -> None:
