@@ -4,7 +4,8 @@
 - `ext`: no eventing extension (the predictor alone);
 - `mw`: none of evllm's middleware; `mw:<Class>`: not that one (e.g. `mw:Observe`);
 - `metrics`: AsyncLLM.generate not wrapped by `metrics.instrument_generate`;
-- `log`: no access line.
+- `log`: no access line; `logfmt`: the access line built and formatted, but not written;
+  `logbuf`: access lines written through a 64 KiB buffer instead of one write each.
 
 OBS=<comma list> (possibly empty) replaces `middleware.Observe` with `obs_variant.Observe`, which can
 leave out its parts (see there).
@@ -39,7 +40,34 @@ if __name__ == "__main__":
         mw.Observe = obs_variant.Observe  # type: ignore[misc]
     if "metrics" in ablate:
         metrics.instrument_generate = lambda generate, check=None: generate  # type: ignore[assignment]
-    if "log" in ablate:
+    if "logbuf" in ablate:  # access lines written through a 64 KiB buffer instead of flushed one by one
+        configure = logs.configure
+
+        def buffered_configure(*args, **kwargs):
+            configure(*args, **kwargs)
+            root = logging.getLogger().handlers[0]
+            handler = logging.StreamHandler(open(2, "w", buffering=65536, closefd=False))  # noqa: SIM115
+            handler.flush = lambda: None  # type: ignore[method-assign]
+            handler.setFormatter(root.formatter)
+            for f in root.filters:
+                handler.addFilter(f)
+            logs.access_logger.addHandler(handler)
+            logs.access_logger.propagate = False
+
+        logs.configure = buffered_configure  # type: ignore[assignment]
+    if "logfmt" in ablate:  # the access line's record built and formatted, never handled (written)
+        fmt = logs.JSONFormatter()
+        ctx_filter = logs.ContextFilter()
+
+        def access(msg, args, fields):
+            record = logs.access_logger.makeRecord(
+                logs.access_logger.name, logging.INFO, __file__, 0, msg, args, None, "access", fields
+            )
+            ctx_filter.filter(record)
+            fmt.format(record)
+
+        logs.access = access  # type: ignore[assignment]
+    elif "log" in ablate:
         logging.getLogger("evllm.access").disabled = True
         logs.access = lambda *args, **kwargs: None  # type: ignore[assignment]
     argv = sys.argv[1:]
