@@ -8,12 +8,11 @@
   `logbuf`: access lines written through a 64 KiB buffer instead of one write each.
 
 OBS=<comma list> (possibly empty) replaces `middleware.Observe` with `obs_variant.Observe`, which can
-leave out its parts (see there).
+leave out its parts (see there). Run with the repository on PYTHONPATH (multi.py does).
 """
 
 import logging
 import os
-import socket
 import sys
 
 if __name__ == "__main__":
@@ -72,9 +71,9 @@ if __name__ == "__main__":
         logs.access = lambda *args, **kwargs: None  # type: ignore[assignment]
     argv = sys.argv[1:]
     if "grpc" not in ablate:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            argv += ["--enable_grpc", "true", "--grpc_port", str(s.getsockname()[1])]
+        from tests.server import free_port
+
+        argv += ["--enable_grpc", "true", "--grpc_port", str(free_port())]
     if "ext" in ablate:
         server.main(argv)
     else:

@@ -1,5 +1,5 @@
 """Experiment: evllm's data plane behind a minimal HTTP/1.1 server (httptools on uvloop, no ASGI, no
-FastAPI, no middleware). Serves POST /v2/models/<m>/generate only. argv: model_dir port"""
+FastAPI, no middleware). Serves POST /v2/models/<m>/generate only. argv: model_dir port. Run with the repository on PYTHONPATH (multi.py does)."""
 
 import asyncio
 import json
@@ -8,13 +8,13 @@ import sys
 import httptools
 import uvloop
 
+from bench.run import Config
+from bench.servers import MODEL_NAME as MODEL
 from predictors.dataplane import DataPlane
 from predictors.engine import Engine
 from predictors.model import EvllmModel
 from predictors.sampling import parse_parameters
 from predictors.server import parse_args
-
-MODEL = "demo"
 
 
 class Proto(asyncio.Protocol):
@@ -29,8 +29,7 @@ class Proto(asyncio.Protocol):
     def data_received(self, data):
         self.parser.feed_data(data)
 
-    def on_url(self, url):
-        self.url = url
+    def on_message_begin(self):
         self.body = []
 
     def on_body(self, b):
@@ -65,8 +64,7 @@ async def generate(dp, body):
 
 async def start(model_dir):
     """The data plane, its engine built and started as `evllm serve` does (the benchmark's flags)."""
-    argv = ["--model_name", MODEL, "--model_dir", model_dir, "--max-model-len", "1024", "--dtype", "float32"]
-    settings = parse_args(argv)
+    settings = parse_args(["--model_name", MODEL, "--model_dir", model_dir, *Config().engine_args])
     dp = DataPlane(Engine(settings.engine, settings.engine_flags), MODEL)
     await EvllmModel(MODEL, dp).start_engine()
     return dp

@@ -68,7 +68,8 @@ def main() -> None:
             for n in names:
                 port = free_port()
                 cmd, ready_path = command(n.split("+")[0], port)
-                env = {**os.environ, **cfg.env, **extra_env.get(n, {})}
+                # The scripts here import the repository's bench and tests packages (not installed).
+                env = {**os.environ, **cfg.env, "PYTHONPATH": str(ROOT), **extra_env.get(n, {})}
                 log = open(f"/tmp/multi-{n}.log", "wb")  # noqa: SIM115 (the server's, until it exits)
                 out = subprocess.PIPE if ready_path is None else log
                 p = subprocess.Popen(cmd, env=env, stdout=out, stderr=log, cwd=ROOT)
