@@ -27,7 +27,7 @@ class Admission:
 
     def _set(self, value: int) -> None:
         self.in_flight = value
-        metrics.ADMITTED.labels(metrics.model()).set(value)
+        metrics.child(metrics.ADMITTED, metrics.model()).set(value)
         if value == 0 and self._idle is not None:
             self._idle.set()
 

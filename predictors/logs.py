@@ -11,7 +11,10 @@ import contextvars
 import datetime as dt
 import json
 import logging
+import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +23,48 @@ import orjson
 access_logger = logging.getLogger("evllm.access")
 
 
+class AccessRecord(logging.LogRecord):
+    """The access line's record. Every request writes one, and under load `LogRecord.__init__` (path
+    splitting, thread and process names) was a large part of its cost: what never changes is computed
+    once. Formatters read a record's `__dict__` (`%`-style), so every attribute is in it."""
+
+    _constant: dict[str, Any] = {
+        "name": access_logger.name,
+        "levelno": logging.INFO,
+        "levelname": "INFO",
+        "pathname": __file__,
+        "filename": "logs.py",
+        "module": "logs",
+        "lineno": 0,
+        "funcName": "access",
+        "exc_info": None,
+        "exc_text": None,
+        "stack_info": None,
+        "processName": logging.makeLogRecord({}).processName,
+    }
+
+    def __init__(self, msg: str, args: tuple[Any, ...], fields: dict[str, Any]) -> None:
+        created = time.time()
+        self.__dict__.update(self._constant)
+        self.msg = msg
+        self.args = args
+        self.created = created
+        self.msecs = int((created - int(created)) * 1000) + 0.0
+        self.relativeCreated = (created - _START) * 1000
+        self.thread = threading.get_ident()
+        self.threadName = threading.current_thread().name
+        self.process = os.getpid()
+        self.__dict__.update(fields)
+
+
+_START: float = getattr(logging, "_startTime", time.time())  # what LogRecord counts relativeCreated from
+
+
 def access(msg: str, args: tuple[Any, ...], fields: dict[str, Any]) -> None:
-    """One access line, as `access_logger.info(msg, *args, extra=fields)` but without the caller lookup
-    (a stack walk per request; the caller is always the HTTP middleware)."""
+    """One access line, as `access_logger.info(msg, *args, extra=fields)` without the caller lookup (a
+    stack walk per request; the caller is always the HTTP middleware) and with a lighter record."""
     if access_logger.isEnabledFor(logging.INFO):
-        record = access_logger.makeRecord(
-            access_logger.name, logging.INFO, __file__, 0, msg, args, None, "access", fields
-        )
-        access_logger.handle(record)
+        access_logger.handle(AccessRecord(msg, args, fields))
 
 
 @dataclass(frozen=True)
@@ -69,11 +106,23 @@ class ContextFilter(logging.Filter):
 
 
 class JSONFormatter(logging.Formatter):
+    _second: tuple[int, str] = (-1, "")  # one tuple, so threads sharing the formatter read a matching pair
+
+    def _time(self, created: float) -> str:
+        """ISO 8601 UTC to the millisecond; the text up to the second is reused within that second."""
+        second, text = self._second
+        if second != int(created):
+            second = int(created)
+            text = dt.datetime.fromtimestamp(second, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = (second, text)
+        micros = round((created - second) * 1_000_000)  # rounded as datetime rounds, then cut to ms
+        if micros >= 1_000_000:
+            return dt.datetime.fromtimestamp(created, dt.timezone.utc).isoformat(timespec="milliseconds")
+        return f"{text}.{micros // 1000:03d}+00:00"
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(
-                timespec="milliseconds"
-            ),
+            "time": self._time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import random
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -188,7 +188,11 @@ _CONTENT_LENGTH = frozenset({b"content-length"})
 
 class Observe:
     """Per request: request id (echoed as X-Request-Id, given to the engine), CloudEvent id and traceparent
-    in the log context; latency, status and in-flight metrics; one access log line without any body."""
+    in the log context; latency, status and in-flight metrics; one access log line without any body.
+
+    Every request of every protocol passes here, and under load its bookkeeping was as costly as all the
+    other middleware together (bench/results/2026-12-05-ablation): it does only what it must per request.
+    """
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -198,67 +202,66 @@ class Observe:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope, _OBSERVED)
-        request_id = logs.safe_id(headers.get("x-request-id"))
+        given = headers.get("x-request-id")
+        request_id = logs.safe_id(given)
         if request_id is None:
-            request_id = uuid.uuid4().hex
+            # Random, not secret: no need for uuid4's system call and object per request.
+            request_id = f"{random.getrandbits(128):032x}"
+            raw = scope["headers"]
+            if given is not None:
+                raw = [(k, v) for k, v in raw if k.lower() != b"x-request-id"]
             # Handlers name the engine request after X-Request-Id: logs and engine then agree.
-            scope = {
-                **scope,
-                "headers": [
-                    *((k, v) for k, v in scope["headers"] if k.lower() != b"x-request-id"),
-                    (b"x-request-id", request_id.encode()),
-                ],
-            }
-        ctx = logs.RequestContext(
-            request_id=request_id,
-            ce_id=logs.safe_id(headers.get("ce-id")),
-            traceparent=logs.safe_traceparent(headers.get("traceparent")),
+            scope = {**scope, "headers": [*raw, (b"x-request-id", request_id.encode())]}
+        echoed = (b"x-request-id", request_id.encode())
+        token = logs.CONTEXT.set(
+            logs.RequestContext(
+                request_id,
+                logs.safe_id(headers.get("ce-id")),
+                logs.safe_traceparent(headers.get("traceparent")),
+            )
         )
-        token = logs.CONTEXT.set(ctx)
-        proto_token = metrics.PROTOCOL.set(metrics.protocol_of(scope["method"], scope["path"]))
-        protocol = metrics.PROTOCOL.get()
+        method, path = scope["method"], scope["path"]
+        protocol = metrics.protocol_of(method, path)
+        proto_token = metrics.PROTOCOL.set(protocol)
         model = metrics.model()
         # The model the request's generations used (an adapter's name, filled in by the engine hook).
         used = metrics.RequestModel(model)
         model_token = metrics.REQUEST_MODEL.set(used)
-        start = time.monotonic()
-        status = 500  # what the client sees if the app dies before answering (uvicorn sends a 500)
         client_left = [False]
         left_token = CLIENT_LEFT.set(client_left)
-        sent = 0
-        started = False
+        # [status, response bytes, started]; 500 is what the client sees if the app dies before
+        # answering (uvicorn sends a 500).
+        response: list[Any] = [500, 0, False]
 
         async def observed_send(message: Message) -> None:
-            nonlocal status, sent, started
-            if message["type"] == "http.response.start":
-                status, started = message["status"], True
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())],
-                }
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
+            if message["type"] == "http.response.body":
+                response[1] += len(message.get("body", b""))
+            elif message["type"] == "http.response.start":
+                response[0], response[2] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", ()), echoed]}
             await send(message)
 
         in_flight = metrics.child(metrics.IN_FLIGHT, model, protocol)
         in_flight.inc()
+        start = time.monotonic()
         try:
             await self.app(scope, receive, observed_send)
         finally:
+            elapsed = time.monotonic() - start
             CLIENT_LEFT.reset(left_token)
+            status, sent, started = response
             if client_left[0] and not started:
                 status = 499  # nothing was answered: the client went away first
-            elapsed = time.monotonic() - start
             in_flight.dec()
             metrics.child(metrics.REQUEST_DURATION, used.name, protocol).observe(elapsed)
             metrics.child(metrics.REQUESTS, used.name, protocol, str(status)).inc()
-            if scope["path"] not in QUIET_PATHS:
+            if path not in QUIET_PATHS:
                 logs.access(
                     "%s %s %d",
-                    (scope["method"], scope["path"], status),
+                    (method, path, status),
                     {
-                        "method": scope["method"],
-                        "path": scope["path"],
+                        "method": method,
+                        "path": path,
                         "status": status,
                         "protocol": protocol,
                         "duration_ms": round(elapsed * 1000, 2),

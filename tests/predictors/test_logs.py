@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import json
 import logging
@@ -53,6 +54,39 @@ def test_exceptions_are_one_json_line():
     text = logs.JSONFormatter().format(record)
     assert "\n" not in text
     assert "RuntimeError: kaput" in json.loads(text)["exception"]
+
+
+def test_the_access_record_is_a_whole_log_record():
+    # Lighter to build than LogRecord, but every formatter, %-style included, must find what it expects.
+    fields = {"status": 200, "path": "/v2/models/m/infer"}
+    lean = logs.AccessRecord("%s %s %d", ("POST", fields["path"], 200), fields)
+    stock = logging.LogRecord(
+        "evllm.access",
+        logging.INFO,
+        logs.__file__,
+        0,
+        "%s %s %d",
+        ("POST", fields["path"], 200),
+        None,
+        "access",
+    )
+    assert set(vars(lean)) == set(vars(stock)) | set(fields)
+    for key in set(vars(stock)) - {"created", "msecs", "relativeCreated"}:
+        assert getattr(lean, key) == getattr(stock, key), key
+    assert abs(lean.created - stock.created) < 1 and abs(lean.relativeCreated - stock.relativeCreated) < 1000
+    fmt = logging.Formatter(
+        "%(name)s %(levelname)s %(filename)s:%(lineno)d %(funcName)s %(module)s %(process)d"
+        " %(processName)s %(threadName)s %(status)s %(message)s"
+    )
+    assert fmt.format(lean) == fmt.format(logging.makeLogRecord({**vars(stock), **fields}))
+
+
+def test_json_time_is_iso_8601_utc_to_the_millisecond():
+    formatter = logs.JSONFormatter()
+    for created in (0.0, 1.2, 1700000000.9999, 1700000000.0005, 1700000000.5004999, 1764932400.123456):
+        expected = dt.datetime.fromtimestamp(created, dt.timezone.utc).isoformat(timespec="milliseconds")
+        record = logging.makeLogRecord({"created": created, "msg": "x"})
+        assert json.loads(formatter.format(record))["time"] == expected, created
 
 
 def test_identifiers_are_sanitised():

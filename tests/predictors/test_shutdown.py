@@ -163,6 +163,11 @@ def _infer(url: str, i: int, result: dict[str, Any]) -> None:
         result["error"] = repr(exc)
 
 
+def _admitted(base: str) -> float:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return samples(text).get(f'evllm_admitted_requests{{model="{MODEL_NAME}"}}', 0.0)
+
+
 def _log(path: Path) -> str:
     return path.read_text(errors="replace")
 
@@ -184,7 +189,15 @@ def test_sigterm_finishes_work_in_flight_refuses_new_work_and_exits_0(restarted)
         )
         for i in range(STREAMS)
     ]
-    for t in threads:
+    # The loads first, each holding an admission slot (or done) before the streams start: a load still on
+    # its way when SIGTERM lands would rightly be refused as new work.
+    for t in threads[:LOADS]:
+        t.start()
+    deadline = time.monotonic() + 60
+    while (running := sum(t.is_alive() for t in threads[:LOADS])) and _admitted(base) < running:
+        assert time.monotonic() < deadline, loads
+        time.sleep(0.02)
+    for t in threads[LOADS:]:
         t.start()
     for s in started:
         assert s.wait(60)
