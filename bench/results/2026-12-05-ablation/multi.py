@@ -3,7 +3,8 @@ model, all up at once, and print each window's req/s and API-server CPU per requ
 
     .venv/bin/python bench/results/2026-12-05-ablation/multi.py evllm,abl+m,bare 5
 
-Servers: `evllm` (`evllm serve` as the benchmark starts it, gRPC on), `abl+<tag>` (`ablate.py`: evllm
+Servers: `evllm` (`evllm serve` as the benchmark starts it, gRPC on), `evllm@<dir>` (the same, run from
+another checkout, e.g. a `git worktree` of an earlier commit), `abl+<tag>` (`ablate.py`: evllm
 serve with parts switched off by the environment given in XENV, a JSON object {name: {VAR: value}}),
 `raw-asgi` (`bare_asgi.py`), `bare` (`bare.py`) and `vllm` (`vllm serve`, OpenAI completions).
 """
@@ -37,7 +38,7 @@ SERVE = ["--model_name", MODEL_NAME, "--model_dir", str(model)]
 
 def command(kind: str, port: int) -> tuple[list[str], str | None]:
     """The server's command line and readiness path (None: the script prints READY)."""
-    if kind == "evllm":
+    if kind == "evllm" or kind.startswith("evllm@"):
         grpc = ["--enable_grpc", "true", "--grpc_port", str(free_port())]
         return [py, "-m", "evllm", "serve", *SERVE, "--http_port", str(port), *grpc, *EA], "/v2/health/ready"
     if kind == "abl":
@@ -68,11 +69,13 @@ def main() -> None:
             for n in names:
                 port = free_port()
                 cmd, ready_path = command(n.split("+")[0], port)
-                # The scripts here import the repository's bench and tests packages (not installed).
-                env = {**os.environ, **cfg.env, "PYTHONPATH": str(ROOT), **extra_env.get(n, {})}
-                log = open(f"/tmp/multi-{n}.log", "wb")  # noqa: SIM115 (the server's, until it exits)
+                # The scripts here import the repository's bench and tests packages (not installed);
+                # `python -m evllm` imports from its working directory first.
+                root = n.split("@", 1)[1] if n.startswith("evllm@") else str(ROOT)
+                env = {**os.environ, **cfg.env, "PYTHONPATH": root, **extra_env.get(n, {})}
+                log = open(f"/tmp/multi-{n.replace('/', '_')}.log", "wb")  # noqa: SIM115 (the server's, until it exits)
                 out = subprocess.PIPE if ready_path is None else log
-                p = subprocess.Popen(cmd, env=env, stdout=out, stderr=log, cwd=ROOT)
+                p = subprocess.Popen(cmd, env=env, stdout=out, stderr=log, cwd=root)
                 if ready_path is None:
                     assert p.stdout is not None
                     while (line := p.stdout.readline()) and line.strip() != b"READY":
