@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from typing import Any
 
@@ -147,13 +148,19 @@ def _file_id(batch_id: str, kind: str) -> str:
     return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
 
 
+# Batch objects are built in threads (a retrieve and the job's own events at once): one registers.
+_registering = threading.Lock()
+
+
 def _result_file(store: BatchStore, batch_id: str, kind: str, loc: Location) -> str:
-    """The file object of a finished job's output or error file (registered once, id from the batch)."""
+    """The file object of a finished job's output or error file (registered once, id from the batch;
+    replicas racing to register it leave index entries the listing skips)."""
     file_id = _file_id(batch_id, kind)
-    if store.file(file_id) is None:
-        size = storage_size(loc)
-        name = f"{batch_id}_{'output' if kind == 'output' else 'error'}.jsonl"
-        store.add_file(name, "batch_output", location=loc, size=size, file_id=file_id)
+    with _registering:
+        if store.file(file_id) is None:
+            size = storage_size(loc)
+            name = f"{batch_id}_{'output' if kind == 'output' else 'error'}.jsonl"
+            store.add_file(name, "batch_output", location=loc, size=size, file_id=file_id)
     return file_id
 
 

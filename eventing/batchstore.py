@@ -117,18 +117,19 @@ class BatchStore:
         self, after: str | None, limit: int, purpose: str | None = None, oldest_first: bool = False
     ) -> tuple[list[dict[str, Any]], bool]:
         """Newest first (OpenAI's default order) or oldest first; with ``purpose``, a full page of that
-        purpose (files are read until one more than ``limit`` match, so ``has_more`` is exact)."""
+        purpose. Files are read until one more than ``limit`` match, so ``has_more`` is exact."""
         after_key = None
         if after is not None:
             obj = self.file(after)
             after_key = _index_key(obj["created_us"], after) if obj else None
-        if purpose is None:
-            ids, more = _page(self.file_index, after_key, limit, oldest_first)
-            return [f for f in (self.file(i) for i in ids) if f is not None], more
         found: list[dict[str, Any]] = []
         for name in _names(self.file_index, after_key, oldest_first):
             f = self.file(name.split("-", 1)[1])
-            if f is None or f["purpose"] != purpose:
+            # Skipped: a file being added or deleted, and an entry its object no longer names (two
+            # replicas or threads registering the same output file each write one; the object's wins).
+            if f is None or name != _index_key(f["created_us"], f["id"]):
+                continue
+            if purpose is not None and f["purpose"] != purpose:
                 continue
             if len(found) == limit:
                 return found, True

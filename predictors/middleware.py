@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import random
+import os
 import time
 from typing import Any
 
@@ -205,8 +205,8 @@ class Observe:
         given = headers.get("x-request-id")
         request_id = logs.safe_id(given)
         if request_id is None:
-            # Random, not secret: no need for uuid4's system call and object per request.
-            request_id = f"{random.getrandbits(128):032x}"
+            # As uuid4().hex without building a UUID per request; not `random`, which a seed repeats.
+            request_id = os.urandom(16).hex()
             raw = scope["headers"]
             if given is not None:
                 raw = [(k, v) for k, v in raw if k.lower() != b"x-request-id"]
