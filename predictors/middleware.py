@@ -229,15 +229,16 @@ class Observe:
         model_token = metrics.REQUEST_MODEL.set(used)
         client_left = [False]
         left_token = CLIENT_LEFT.set(client_left)
-        # [status, response bytes, started]; 500 is what the client sees if the app dies before
-        # answering (uvicorn sends a 500).
-        response: list[Any] = [500, 0, False]
+        status = 500  # what the client sees if the app dies before answering (uvicorn sends a 500)
+        sent = 0
+        started = False
 
         async def observed_send(message: Message) -> None:
+            nonlocal status, sent, started
             if message["type"] == "http.response.body":
-                response[1] += len(message.get("body", b""))
+                sent += len(message.get("body", b""))
             elif message["type"] == "http.response.start":
-                response[0], response[2] = message["status"], True
+                status, started = message["status"], True
                 message = {**message, "headers": [*message.get("headers", ()), echoed]}
             await send(message)
 
@@ -249,7 +250,6 @@ class Observe:
         finally:
             elapsed = time.monotonic() - start
             CLIENT_LEFT.reset(left_token)
-            status, sent, started = response
             if client_left[0] and not started:
                 status = 499  # nothing was answered: the client went away first
             in_flight.dec()
